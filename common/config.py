@@ -1,0 +1,171 @@
+"""Experiment configs: dataclasses + YAML profiles + dotted CLI overrides.
+
+Each experiment declares its config as a (nested) dataclass. A *profile* is a YAML file
+(``configs/quick.yaml``, ``configs/paper.yaml``) that overrides the dataclass defaults; dotted
+``key=value`` arguments override the profile. Everything is validated against the dataclass
+(omegaconf structured configs) *before* the experiment writes anything, and any error exits with
+code 2 and a message naming the offending file and key.
+
+    @dataclass
+    class Config:
+        seed: int = 0
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    cfg = parse_config(Config, config_dir=Path(__file__).parent / "configs")
+    # python run.py --profile quick train.lr=3e-4 --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+EXIT_CONFIG_ERROR = 2
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid. The message names the file and/or key."""
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def build_config(
+    cls: type[T], profile: str | Path | None = None, overrides: list[str] | None = None,
+    config_dir: str | Path | None = None,
+) -> T:
+    """Resolve ``cls`` defaults <- profile YAML <- dotted overrides into a validated ``cls`` instance.
+
+    ``profile`` is a profile name looked up as ``config_dir/<name>.yaml``, or a path to a YAML file.
+    Raises ConfigError naming the file/key on unknown keys, wrong types or missing files.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    schema = OmegaConf.structured(cls)
+    layers = [schema]
+    source = "defaults"
+    if profile is not None:
+        path = Path(profile)
+        if not path.suffix and config_dir is not None:
+            path = Path(config_dir) / f"{profile}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in Path(config_dir).glob("*.yaml")) if config_dir else []
+            raise ConfigError(f"profile '{profile}' not found: no file {path}"
+                              + (f" (known profiles: {', '.join(known)})" if known else ""))
+        source = str(path)
+        try:
+            layers.append(OmegaConf.create(_load_yaml(path)))
+            merged = OmegaConf.merge(*layers)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: {_omegaconf_message(exc)}") from None
+    else:
+        merged = schema
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=3e-4)")
+        key = item.split("=", 1)[0]
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command-line override '{item}': {_omegaconf_message(exc)}") from None
+        except Exception as exc:  # from_dotlist can raise plain errors on bad syntax
+            raise ConfigError(f"command-line override '{key}': {exc}") from None
+    try:
+        missing = OmegaConf.missing_keys(merged)
+        if missing:
+            raise ConfigError(f"{source}: required keys have no value: {', '.join(sorted(missing))}")
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_omegaconf_message(exc)}") from None
+    post = getattr(obj, "validate", None)
+    if callable(post):
+        try:
+            post()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain JSON-able dict of a config dataclass (for result records and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def default_data_dir() -> Path | None:
+    """``$LLM4ALL_DATA`` if set, else ``../shared/data`` next to the repository when it exists."""
+    env = os.environ.get("LLM4ALL_DATA")
+    if env:
+        return Path(env).expanduser().resolve()
+    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return guess if guess.is_dir() else None
+
+
+def make_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The common CLI: ``--profile``, ``--data-dir``, ``--results-dir`` and dotted overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--profile", default="quick", help="profile name in configs/ or a YAML path (default: quick)")
+    p.add_argument("--data-dir", default=None, help="offline data root (default: $LLM4ALL_DATA or ../shared/data)")
+    p.add_argument("--results-dir", default=None, help="results root (default: $LLM4ALL_RESULTS or ./results)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    return p
+
+
+def parse_config(
+    cls: type[T], config_dir: str | Path, argv: list[str] | None = None, description: str | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> tuple[T, argparse.Namespace]:
+    """Parse the command line into a validated config; on any config error print it and exit 2.
+
+    ``--data-dir``/``--results-dir`` are exported as ``LLM4ALL_DATA``/``LLM4ALL_RESULTS`` so that every
+    module (and child process) resolves the same roots.
+    """
+    parser = parser or make_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        if args.data_dir is not None:
+            data_dir = Path(args.data_dir).expanduser()
+            if not data_dir.is_dir():
+                raise ConfigError(f"--data-dir {data_dir}: no such directory")
+            os.environ["LLM4ALL_DATA"] = str(data_dir.resolve())
+        if args.results_dir is not None:
+            os.environ["LLM4ALL_RESULTS"] = str(Path(args.results_dir).expanduser().resolve())
+        cfg = build_config(cls, args.profile, args.overrides, config_dir)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+    args.profile_name = Path(str(args.profile)).stem
+    return cfg, args

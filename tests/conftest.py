@@ -1,0 +1,36 @@
+"""Shared pytest fixtures. Tests never write into the real results/ (LLM4ALL_RESULTS -> tmp)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _isolated_results(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path_factory.mktemp("results")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    from common.config import default_data_dir
+
+    root = default_data_dir()
+    if root is None:
+        pytest.skip("offline data root not found: set LLM4ALL_DATA or provide ../shared/data")
+    return root
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
