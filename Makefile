@@ -31,7 +31,7 @@ help:
 $(STAMP): requirements.txt pyproject.toml scripts/setup_offline.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=compat
 	bash scripts/setup_offline.sh $(BIN)/pip
 	@touch $@
 

@@ -1,0 +1,156 @@
+"""Fault-injecting supervisor: runs ``trainer.py`` to completion while killing it at random times.
+
+Fail-stop faults: after each attempt's ``train_begin`` the supervisor draws an exponential uptime
+(mean ``mtbf_s``) and SIGKILLs the trainer when it is reached; it notices the death (``detected``),
+waits an injected repair time (``repair_s``: node replacement / rescheduling) and relaunches. The fault
+clock runs only while the trainer is training (MTBF interpretation A, uptime; repair is not
+interruptible), which is the model ``tor.py`` calls ``mtbf_kind="uptime"``.
+
+Fail-slow faults: windows (start, duration, rho) on the job clock, drawn up front from an exponential
+process (mean gap ``slow_mtbf_s``) and written to ``slow_schedule.json`` for the trainer to apply.
+
+Supervisor events go to ``<run_dir>/supervisor_events.jsonl``: job_start, spawn, fault, detected,
+repair_end, job_end. The exact injected times are also returned for replay in the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class HarnessConfig:
+    steps: int = 300                # optimizer steps of the whole job (N)
+    checkpoint_every: int = 25      # steps between checkpoints (tau in steps)
+    batch_size: int = 8
+    seq_len: int = 64
+    n_seqs: int = 2048
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    lr: float = 1e-3
+    corpus: str = "en/tinyshakespeare"
+    seed: int = 0
+    threads: int = 1
+    extra_checkpoint_delay_s: float = 0.0   # added to every checkpoint save (emulates slower storage)
+    mtbf_s: float = 0.0             # mean uptime between fail-stop faults; 0 = none
+    repair_s: float = 1.0           # injected repair time after a fault is detected
+    slow_mtbf_s: float = 0.0        # mean job-clock gap between fail-slow onsets; 0 = none
+    slow_duration_s: float = 3.0    # D
+    slow_rho: float = 0.5           # step rate while slow, as a fraction of healthy
+    fault_seed: int = 1             # fault draws are seeded apart from training (common random numbers)
+    max_attempts: int = 50
+    attempt_timeout_s: float = 600.0
+
+
+class _Log:
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "a", buffering=1, encoding="utf-8")
+
+    def __call__(self, event: str, **info) -> float:
+        t = time.time()
+        self.f.write(json.dumps({"event": event, "time": t, **info}) + "\n")
+        self.f.flush()
+        return t
+
+
+def _trainer_began(events: Path, attempt: int, offset: int) -> tuple[bool, int]:
+    """Scan new lines of the trainer log for this attempt's train_begin."""
+    if not events.exists():
+        return False, offset
+    with open(events, encoding="utf-8") as f:
+        f.seek(offset)
+        chunk = f.read()
+    lines = chunk.split("\n")
+    complete, rest = lines[:-1], lines[-1]
+    for line in complete:
+        rec = json.loads(line)
+        if rec["event"] == "train_begin" and rec["attempt"] == attempt:
+            return True, offset + len(chunk) - len(rest)
+    return False, offset + len(chunk) - len(rest)
+
+
+def slow_windows(cfg: HarnessConfig, horizon_s: float, rng: np.random.Generator) -> list[dict]:
+    if cfg.slow_mtbf_s <= 0:
+        return []
+    out, t = [], 0.0
+    while True:
+        t += rng.exponential(cfg.slow_mtbf_s)
+        if t > horizon_s:
+            return out
+        out.append({"start": t, "duration": cfg.slow_duration_s, "rho": cfg.slow_rho})
+        t += cfg.slow_duration_s
+
+
+def run_job(cfg: HarnessConfig, run_dir: str | Path, slow_horizon_s: float = 600.0) -> dict:
+    """Run one fault-injected training job to completion; returns the injected schedule and paths."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "harness_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    rng = np.random.default_rng(cfg.fault_seed)
+    slow = slow_windows(cfg, slow_horizon_s, np.random.default_rng(cfg.fault_seed + 10_000))
+    (run / "slow_schedule.json").write_text(json.dumps(slow))
+    log = _Log(run / "supervisor_events.jsonl")
+    trainer_events = run / "trainer_events.jsonl"
+    job_start = log("job_start")
+    env = dict(os.environ, TOR_JOB_START=repr(job_start), OMP_NUM_THREADS=str(cfg.threads),
+               TOKENIZERS_PARALLELISM="false")
+    faults: list[dict] = []
+    offset = 0
+    for attempt in range(cfg.max_attempts):
+        env["TOR_ATTEMPT"] = str(attempt)
+        log("spawn", attempt=attempt)
+        with open(run / f"trainer_attempt{attempt}.log", "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "exp_tor.harness.trainer", str(run)], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        kill_after = rng.exponential(cfg.mtbf_s) if cfg.mtbf_s > 0 else float("inf")
+        began_at = None
+        deadline = time.time() + cfg.attempt_timeout_s
+        while proc.poll() is None:
+            if began_at is None:
+                began, offset = _trainer_began(trainer_events, attempt, offset)
+                if began:
+                    began_at = time.time()
+            elif time.time() - began_at >= kill_after:
+                t_fault = log("fault", attempt=attempt, kind="fail_stop", uptime_s=time.time() - began_at)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                log("detected", attempt=attempt)
+                faults.append({"time": t_fault - job_start, "uptime_s": kill_after, "attempt": attempt})
+                time.sleep(cfg.repair_s)
+                log("repair_end", attempt=attempt)
+                break
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"trainer attempt {attempt} exceeded {cfg.attempt_timeout_s} s; "
+                                   f"see {run / f'trainer_attempt{attempt}.log'}")
+            time.sleep(0.005)
+        else:
+            if proc.returncode != 0:
+                raise RuntimeError(f"trainer attempt {attempt} failed with exit code {proc.returncode}; "
+                                   f"see {run / f'trainer_attempt{attempt}.log'}")
+            log("job_end", attempts=attempt + 1)
+            return {"run_dir": str(run), "fail_stop": faults, "fail_slow": slow, "attempts": attempt + 1}
+    raise RuntimeError(f"job did not finish within {cfg.max_attempts} attempts (mtbf_s={cfg.mtbf_s} too short?)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="run one fault-injected harness job")
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, default=HarnessConfig.steps)
+    p.add_argument("--checkpoint-every", type=int, default=HarnessConfig.checkpoint_every)
+    p.add_argument("--mtbf", type=float, default=0.0)
+    args = p.parse_args()
+    print(json.dumps(run_job(HarnessConfig(steps=args.steps, checkpoint_every=args.checkpoint_every,
+                                           mtbf_s=args.mtbf), args.run_dir), indent=1))

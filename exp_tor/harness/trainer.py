@@ -1,0 +1,106 @@
+"""The worker of the TOR harness: a small GPT-2 trained on real text with ``common.train``.
+
+Launched (and relaunched after every injected fail-stop) by ``supervisor.py``. It appends one JSON line
+per event to ``<run_dir>/trainer_events.jsonl``: ``train_begin`` (model built, checkpoint loaded),
+``step_end``, ``checkpoint_begin``/``checkpoint_end``, ``train_end``. Fail-slow faults are injected
+here: during a slow window from ``<run_dir>/slow_schedule.json`` each step is stretched by sleeping
+``(1/rho - 1)`` times its own compute time, so the step rate is exactly ``rho`` of healthy.
+
+    python -m exp_tor.harness.trainer RUN_DIR   # reads RUN_DIR/harness_config.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.data import load_text
+from common.models import build_causal_lm
+from common.train import TrainConfig, train
+
+
+class EventLog:
+    """Append-only JSONL; each line is flushed at once so a SIGKILL loses nothing already logged."""
+
+    def __init__(self, path: Path, attempt: int) -> None:
+        self.f = open(path, "a", buffering=1, encoding="utf-8")
+        self.attempt = attempt
+
+    def __call__(self, event: str, **info) -> None:
+        info.setdefault("time", time.time())
+        self.f.write(json.dumps({"event": event, "attempt": self.attempt, "pid": os.getpid(), **info}) + "\n")
+        self.f.flush()
+
+
+def byte_dataset(text: str, seq_len: int, n_seqs: int) -> list[dict]:
+    """Non-overlapping byte-level sequences (vocab 256): no tokenizer to train, same data on every attempt."""
+    data = torch.frombuffer(bytearray(text.encode("utf-8")[: seq_len * n_seqs]), dtype=torch.uint8).long()
+    rows = data.view(-1, seq_len)
+    return [{"input_ids": r, "labels": r} for r in rows]
+
+
+def collate(rows: list[dict]) -> dict:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(run_dir: str) -> None:
+    run = Path(run_dir)
+    cfg = json.loads((run / "harness_config.json").read_text())
+    attempt = int(os.environ.get("TOR_ATTEMPT", "0"))
+    log = EventLog(run / "trainer_events.jsonl", attempt)
+    torch.set_num_threads(int(cfg.get("threads", 1)))  # steady step times: no oversubscription
+    torch.manual_seed(cfg["seed"])
+    model = build_causal_lm("gpt2", vocab_size=256, d_model=cfg["d_model"], n_layers=cfg["n_layers"],
+                            n_heads=cfg["n_heads"], max_seq_len=cfg["seq_len"], dropout=0.1)
+    text = load_text(cfg["corpus"])["text"][0]
+    dataset = byte_dataset(text, cfg["seq_len"], cfg["n_seqs"])
+    schedule = json.loads((run / "slow_schedule.json").read_text()) if (run / "slow_schedule.json").exists() else []
+    job_start = float(os.environ.get("TOR_JOB_START", time.time()))
+    extra_save_delay = float(cfg.get("extra_checkpoint_delay_s", 0.0))
+    state = {"last": None}
+
+    def on_event(event: str, info: dict) -> None:
+        if event in ("train_begin", "resume"):
+            state["last"] = time.time()
+        if event == "step_end":
+            now = time.time()
+            compute = now - (state["last"] or now)
+            t_rel = now - job_start
+            slow = next((w for w in schedule if w["start"] <= t_rel < w["start"] + w["duration"]), None)
+            if slow is not None:  # fail-slow: this step runs at rho of the healthy rate
+                time.sleep(compute * (1.0 / slow["rho"] - 1.0))
+            log("step_end", step=info["step"], loss=info["loss"], slow=slow is not None)
+            state["last"] = time.time()
+        elif event == "checkpoint_begin":
+            log("checkpoint_begin", step=info["step"])
+            if extra_save_delay:  # emulates slower checkpoint storage (a documented knob, default 0)
+                time.sleep(extra_save_delay)
+        elif event == "checkpoint_end":
+            log("checkpoint_end", step=info["step"])
+            state["last"] = time.time()
+        elif event == "train_begin":
+            log("train_begin", step=info["step"])
+
+    tcfg = TrainConfig(max_steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], warmup_steps=10,
+                       checkpoint_every=cfg["checkpoint_every"], keep_checkpoints=2, log_every=10**9,
+                       seed=cfg["seed"], cpu=True)
+    res = train(model, dataset, tcfg, run / "checkpoints", collate_fn=collate, callbacks=[on_event])
+    log("train_end", step=res.step, loss=res.final_loss, weights_sha256=weights_sha256(model))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
