@@ -280,3 +280,14 @@ def load_results(root: Path | None = None, expand_params: bool = True, from_reco
         for k in keys:
             df[f"p.{k}"] = params.map(lambda p, k=k: p.get(k))
     return df
+
+
+def latest_rows(df):
+    """Drop rows superseded by a later run: one row per (experiment, table, method, metric, params, seed),
+    the one with the newest ``start_time``. Re-running an experiment therefore replaces its rows in the
+    figures, while rows from separate runs that differ in params or seed are all kept."""
+    if df.empty:
+        return df
+    key = ["experiment", "table", "method", "metric", "params", "seed"]
+    order = df.sort_values(["start_time", "record_id"], kind="stable")
+    return order.drop_duplicates(subset=key, keep="last").sort_index()

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     from common.plotting import FIGURES, style
-    from common.results import CorruptRecordError, load_results, regenerate_csv, results_dir
+    from common.results import CorruptRecordError, latest_rows, load_results, regenerate_csv, results_dir
 
     root = results_dir()
     modules = discover_figure_modules()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except CorruptRecordError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    df = load_results(root)
+    df = latest_rows(load_results(root))
     if df.empty:
         print(f"no result rows in {root / 'results.csv'} yet: nothing to plot "
               f"({len(FIGURES)} figure(s) registered by {len(modules)} experiment module(s)).")

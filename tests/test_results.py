@@ -107,3 +107,17 @@ def test_results_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path / "r"))
     assert results.results_dir() == (tmp_path / "r").resolve()
     assert subprocess.run([PYTHON, "-c", "import common.results"], env=subprocess_env()).returncode == 0
+
+
+def test_latest_rows_replaces_rerun_rows_keeps_distinct_ones(tmp_path):
+    from common.results import latest_rows
+
+    old = Run("exp_test", config={}, seed=0, profile="quick", root=tmp_path)
+    old.log(table="t", method="m", metric="acc", value=0.1, params={"k": 1})
+    old.log(table="t", method="m", metric="acc", value=0.2, params={"k": 2})
+    time.sleep(1.1)  # start_time has one-second resolution at worst
+    new = Run("exp_test", config={}, seed=0, profile="quick", root=tmp_path)
+    new.log(table="t", method="m", metric="acc", value=0.3, params={"k": 1})
+    regenerate_csv(tmp_path)
+    df = latest_rows(load_results(tmp_path))
+    assert sorted(zip(df["p.k"], df["value"])) == [(1, 0.3), (2, 0.2)]
