@@ -1,0 +1,95 @@
+"""Model-based quality and coverage scores: ASK-LLM and the Density sampler (Sachdeva et al., arXiv 2402.09668).
+
+ASK-LLM score = P("yes") at the first answer position under an instruction model, with the paper's prompt
+(as reproduced by nano-askllm), summing the single-token spellings of "yes" ("yes", "Yes", " yes", " Yes").
+Prompts are *left*-padded with position ids from the attention mask, so a document's score does not depend
+on the batch it is in (nano-askllm's right padding gets shorter prompts wrong).
+
+Density: score(x) = mean_y exp(-||x - y||^2 / (2 bandwidth^2)) over L2-normalised embeddings, computed
+exactly in chunks (the paper approximates the same kernel sum with an LSH sketch to reach billions of
+documents; at our scale the exact sum is cheap). Sampling is inverse-propensity: p(x) ∝ 1 / score(x),
+without replacement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ASKLLM_PROMPT = (
+    "###\n{datapoint}\n###\n\n"
+    "Does the previous paragraph demarcated within ### and ### contain informative signal for pre-training a "
+    "large-language model? An informative datapoint should be well-formatted, contain some usable knowledge of "
+    "the world, and strictly NOT have any harmful, racist, sexist, etc. content.\n\n"
+    "OPTIONS:\n- yes\n- no"
+)
+
+
+def yes_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the spellings of "yes" that are one token in this vocabulary."""
+    ids = {tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in ("yes", "Yes", " yes", " Yes")}
+    single = sorted({i[0] for i in ids if len(i) == 1})
+    if not single:
+        raise ValueError("no spelling of 'yes' is a single token in this tokenizer; ASK-LLM needs one")
+    return single
+
+
+def askllm_prompts(tokenizer: Any, texts: list[str], max_doc_tokens: int = 256) -> list[str]:
+    """The paper's prompt around each document (cut to `max_doc_tokens` tokens); chat template if any."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_doc_tokens]
+        prompt = ASKLLM_PROMPT.format(datapoint=tokenizer.decode(ids))
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+        else:
+            prompt += "\nANSWER:"
+        out.append(prompt)
+    return out
+
+
+def askllm_scores(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 4,
+                  max_doc_tokens: int = 256) -> np.ndarray:
+    """P(yes) per document (float64 array in [0, 1])."""
+    import torch
+
+    yes = yes_token_ids(tokenizer)
+    prompts = askllm_prompts(tokenizer, texts, max_doc_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(enc), width, dtype=torch.long)
+        for j, e in enumerate(enc):          # left padding: the answer position is the last column for all
+            ids[j, width - len(e):] = torch.tensor(e)
+            mask[j, width - len(e):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        scores.append(torch.softmax(logits, -1)[:, yes].sum(-1).double().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def kernel_density(emb: np.ndarray, bandwidth: float = 0.5, chunk: int = 1024) -> np.ndarray:
+    """Mean Gaussian kernel similarity of each (L2-normalised) embedding to all embeddings, itself included."""
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    out = np.empty(len(x))
+    for i in range(0, len(x), chunk):
+        sq = np.clip(2 - 2 * x[i:i + chunk] @ x.T, 0, None)   # ||a - b||^2 for unit vectors
+        out[i:i + chunk] = np.exp(-sq / (2 * bandwidth ** 2)).mean(1)
+    return out
+
+
+def density_sample(scores: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Indices of k documents sampled without replacement with p ∝ 1/density (inverse propensity)."""
+    if not 0 < k <= len(scores):
+        raise ValueError(f"k must be in 1..{len(scores)}, got {k}")
+    w = 1.0 / np.asarray(scores, float)
+    return np.sort(np.random.default_rng(seed).choice(len(w), size=k, replace=False, p=w / w.sum()))

@@ -1,0 +1,199 @@
+"""Figures of the round-off experiments, drawn from the results table (latest run of each table)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.ticker import NullFormatter
+
+from common.plotting import register_figure, style
+
+EXP = "exp_roundoff"
+
+
+def _latest(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Rows of ``table`` from its most recent run (reruns append records; figures show the newest)."""
+    t = df[df["table"] == table]
+    if t.empty:
+        return t
+    return t[t["run_id"] == sorted(t["run_id"].unique())[-1]]
+
+
+def _col(t: pd.DataFrame, key: str) -> pd.Series:
+    return t[f"p.{key}"]
+
+
+@register_figure("error_vs_depth", experiment=EXP)
+def error_vs_depth(df: pd.DataFrame):
+    t = _latest(df, "depth")
+    if t.empty:
+        return None
+    style()
+    archs = sorted(_col(t, "arch").unique())
+    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 3.6), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        a = t[_col(t, "arch") == arch]
+        for i, prec in enumerate(sorted(a["method"].unique())):
+            m = a[a["method"] == prec]
+            color = f"C{i}"
+            for metric, ls, label in (("measured_mean", "-o", "measured mean"), ("measured_max", ":", "measured max"),
+                                      ("estimate_mean", "-.", "estimate"), ("bound_mean", "--", "bound (first order)")):
+                s = m[m["metric"] == metric].sort_values("p.depth")
+                ax.plot(s["p.depth"], s["value"], ls, color=color, label=f"{prec}: {label}", ms=3)
+        ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel="relative l2 error of block-L output",
+               title=f"{arch}, random init")
+        ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+@register_figure("error_vs_layer_smollm2", experiment=EXP)
+def error_vs_layer_real(df: pd.DataFrame):
+    t = _latest(df, "depth_real")
+    t = t[t["metric"] != "logits_mean"]
+    if t.empty:
+        return None
+    style()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, prec in enumerate(sorted(t["method"].unique())):
+        m = t[t["method"] == prec]
+        for metric, ls in (("measured_mean", "-"), ("measured_median", ":"), ("estimate_mean", "-.")):
+            s = m[m["metric"] == metric].sort_values("p.layer")
+            ax.plot(s["p.layer"], s["value"], ls, color=f"C{i}", label=f"{prec} {metric}")
+        s = m[m["metric"] == "bound_mean"].sort_values("p.layer")
+        ax2.plot(s["p.layer"], s["value"], "--", color=f"C{i}", label=f"{prec} bound_mean")
+    ax.set(yscale="log", xlabel="layer", ylabel="relative l2 error (residual stream)",
+           title=f"{t['p.model'].iloc[0]}: measured vs statistical estimate")
+    ax2.set(yscale="log", xlabel="layer", ylabel="first-order worst-case bound",
+            title="the bound (overflows float64 in deep layers)")
+    ax.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=6)
+    return fig
+
+
+@register_figure("mean_vs_median", experiment=EXP)
+def mean_vs_median(df: pd.DataFrame):
+    t = _latest(df, "mean_vs_median")
+    t = t[t["metric"].str.startswith("token_") & (t["metric"] != "token_mean_over_median")]
+    if t.empty:
+        return None
+    style()
+    errors = sorted(_col(t, "error").unique())
+    fig, axes = plt.subplots(1, len(errors), figsize=(5.5 * len(errors), 3.6), squeeze=False)
+    order = ["token_p01", "token_p25", "token_median", "token_mean", "token_p75", "token_p99", "token_max"]
+    for ax, err in zip(axes[0], errors):
+        e = t[_col(t, "error") == err]
+        groups = sorted({(m, g) for m, g in zip(e["method"], e["p.init_gain"])})
+        width = 0.8 / max(1, len(groups))
+        for j, (prec, gain) in enumerate(groups):
+            s = e[(e["method"] == prec) & (e["p.init_gain"] == gain)].set_index("metric")["value"]
+            ax.bar([i + j * width for i in range(len(order))], [s.get(k, float("nan")) for k in order], width,
+                   label=f"{prec}, gain {gain:g}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(order))], [k[6:] for k in order])
+        ax.set(yscale="log", ylabel=f"{err} per token", title=f"distribution over tokens x inits ({err})")
+        ax.legend(fontsize=6)
+    return fig
+
+
+@register_figure("accumulation", experiment=EXP)
+def accumulation(df: pd.DataFrame):
+    t = _latest(df, "accumulation")
+    h = _latest(df, "high_precision_ops")
+    lo = _latest(df, "low_precision_ops")
+    if t.empty and h.empty:
+        return None
+    style()
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.6))
+    t = t[t["metric"] == "logits_mean"]
+    for i, meth in enumerate(sorted(t["method"].unique())):
+        s = t[t["method"] == meth].copy()
+        s["k"] = s["p.block_k"].map(lambda k: "exact" if k == 0 else str(int(k)))
+        s = s.sort_values("p.block_k", key=lambda k: k.replace(0, 10**9))
+        a1.plot(s["k"], s["value"], "-o", color=f"C{i}", label=meth)
+    a1.set(yscale="log", xlabel="block_k (roundings of the running sum every k products)",
+           ylabel="logits relative error", title="accumulation format and block size")
+    a1.legend()
+    h = h[h["metric"] == "logits_mean"].sort_values("value")
+    if not h.empty:
+        a2.barh(h["method"], h["value"], color=["C3" if m == "none" else "C0" for m in h["method"]])
+        a2.set(xscale="log", xlabel="logits relative error", title="bf16 model, one op group promoted to fp32")
+    lo = lo[lo["metric"] == "logits_mean"].sort_values("value")
+    if not lo.empty:
+        a3.barh(lo["method"], lo["value"], color=["C3" if m == "all" else "C1" for m in lo["method"]])
+        a3.set(xscale="log", xlabel="logits relative error", title="fp32 model, one op group demoted to bf16")
+    return fig
+
+
+@register_figure("hyperparameters", experiment=EXP)
+def hyperparameters(df: pd.DataFrame):
+    t = _latest(df, "hyper")
+    t = t[t["metric"] == "logits_mean"]
+    if t.empty:
+        return None
+    style()
+    sweeps = list(dict.fromkeys(t["method"]))
+    n = len(sweeps)
+    cols = 4
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax, sweep in zip(axes.flat, sweeps):
+        s = t[t["method"] == sweep]
+        for i, norm in enumerate(sorted(_col(s, "norm").unique())):
+            v = s[_col(s, "norm") == norm].sort_values("p.value")
+            x = v["p.value"].astype(float)
+            ax.plot(x.where(x > 0, x[x > 0].min() / 10 if (x > 0).any() else 1), v["value"], "-o", ms=3,
+                    color=f"C{i}", label=norm)
+        ax.set(xscale="log", yscale="log", title=sweep, xlabel=sweep, ylabel="logits rel. error")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig
+
+
+@register_figure("softmax_sinks", experiment=EXP)
+def softmax_sinks(df: pd.DataFrame):
+    t = _latest(df, "softmax_sinks")
+    if t.empty:
+        return None
+    style()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric in zip(axes, ("rel_l2_mean", "nonsink_comp_max")):
+        m = t[t["metric"] == metric]
+        for i, meth in enumerate(sorted(m["method"].unique())):
+            s = m[m["method"] == meth].sort_values("p.sink_logit")
+            ax.plot(s["p.sink_logit"], s["value"], "-o", color=f"C{i}", label=meth)
+        ax.set(yscale="log", xlabel="sink logit (added to token 0)", ylabel=metric, title=f"softmax: {metric}")
+        ax.legend()
+    return fig
+
+
+@register_figure("mixed_precision_training", experiment=EXP)
+def mixed_precision_training(df: pd.DataFrame):
+    t = _latest(df, "mixed_precision_training")
+    if t.empty:
+        return None
+    style()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    m = t[t["metric"] == "val_loss_mean"]
+    ax.bar(m["method"], m["value"], yerr=m["stderr"].fillna(0), capsize=3)
+    seeds = t[t["metric"] == "val_loss"]
+    ax.plot(seeds["method"], seeds["value"], "k.", ms=4, label="seeds")
+    lo = min(seeds["value"].min(), m["value"].min())
+    ax.set(ylim=(lo * 0.95, None), ylabel="validation loss (nats/byte)",
+           title="tiny Llama on tinyshakespeare bytes: precision mode")
+    ax.legend()
+    return fig
+
+
+@register_figure("guidelines", experiment=EXP)
+def guidelines(df: pd.DataFrame):
+    t = _latest(df, "guidelines")
+    if t.empty:
+        return None
+    style()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(t) + 1))
+    ax.barh(t["method"], t["value"])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="evidence ratio (>1: the guideline reduces the error)", title="guidelines")
+    return fig

@@ -1,0 +1,101 @@
+"""Triton-interpreter cases, run by test_lowp_triton.py in a subprocess with TRITON_INTERPRET=1.
+
+Not collected directly (no ``test_`` prefix): the interpreter flag must be set before Triton kernels are
+first defined, which a fresh process guarantees whatever other test modules imported before.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from common.lowp import emulated_matmul, quantize
+from tests.lowp.lowp_oracle import edge_values
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run with TRITON_INTERPRET=1 (see test_lowp_triton.py)", allow_module_level=True)
+
+FORMATS = ["bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_sat", "fp8_e5m2", "fp4_e2m1", "tf32", "e5m4"]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((((a == b) & (torch.signbit(a) == torch.signbit(b))) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_quantize_equals_torch(fmt, dtype):
+    from common.lowp import get_format
+
+    f = get_format(fmt)
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):
+        x = torch.tensor(edge_values(f, rng, n_random=300), dtype=torch.float64).to(dtype)
+    x = torch.cat([x, torch.randn(700, dtype=dtype) * 10 ** (torch.rand(700, dtype=dtype) * 12 - 6)])
+    with np.errstate(all="ignore"):
+        for mode in ["rne", "rz", "ru", "rd", "stochastic"]:
+            want = quantize(x, f, mode, seed=5, backend="torch")
+            got = quantize(x, f, mode, seed=5, backend="triton")
+            assert _same(got, want), (fmt, mode, dtype)
+
+
+def test_triton_quantize_shapes_and_half_dtypes():
+    x = torch.randn(3, 7, 11).to(torch.bfloat16)
+    assert torch.equal(quantize(x, "fp8_e4m3fn", backend="triton"), quantize(x, "fp8_e4m3fn", backend="torch"))
+    assert quantize(torch.empty(0), "bf16", backend="triton").shape == (0,)
+
+
+CASES = [("fp16", "fp16", "fp16", 1, "rne"), ("bf16", "bf16", "fp32", 1, "rz"),
+         ("fp8_e4m3fn", "fp22_e8m13", "bf16", 4, "rz"), ("fp8_e5m2", "fp16", "fp32", 32, "rne"),
+         ("bf16", "bf16", "fp32", 37, "ru"), ("fp16", "e6m6", "fp16", 3, "rd"), ("bf16", "fp32", "fp32", 40, "rne"),
+         ("bf16", "fp32", "fp32", 1, "rne")]  # last: the torch side takes its float32-hardware fast path
+
+
+@pytest.mark.parametrize("in_fmt,acc_fmt,out_fmt,block_k,mode", CASES)
+def test_triton_emulated_matmul_equals_torch(in_fmt, acc_fmt, out_fmt, block_k, mode):
+    g = torch.Generator().manual_seed(block_k)
+    a = torch.randn(2, 17, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 40, 9, generator=g, dtype=torch.float64)
+    with np.errstate(all="ignore"):
+        for bb in (b, b[0]):  # batched and broadcast 2-D right operand
+            want = emulated_matmul(a, bb, in_fmt, acc_fmt, out_fmt, block_k=block_k, mode=mode, backend="torch")
+            got = emulated_matmul(a, bb, in_fmt, acc_fmt, out_fmt, block_k=block_k, mode=mode, backend="triton")
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        got2 = emulated_matmul(a[1], b[0], in_fmt, acc_fmt, out_fmt, block_k=block_k, mode=mode, backend="triton")
+        assert torch.equal(got2, want[1])
+
+
+def test_triton_stochastic_matmul_seeded_and_unbiased():
+    k = 64  # interpreter time is linear in k; a 5-bit accumulator (spacing 4 at 64) keeps SR noisy
+    a = torch.full((32, k), 1.0)
+    b = torch.full((k, 1), 1.0 + 2**-6)
+    exact = k * (1 + 2**-6)
+    with np.errstate(all="ignore"):
+        c1 = emulated_matmul(a, b, "fp16", "e8m4", "fp32", 1, "stochastic",
+                             generator=torch.Generator().manual_seed(0), backend="triton")
+        c2 = emulated_matmul(a, b, "fp16", "e8m4", "fp32", 1, "stochastic",
+                             generator=torch.Generator().manual_seed(0), backend="triton")
+    assert torch.equal(c1, c2) and c1.unique().numel() > 1
+    sem = c1.std().item() / 32**0.5
+    assert abs(c1.mean().item() - exact) < 4 * sem  # unbiased within 4 standard errors
+
+
+def test_native_kernel_logic_in_interpreter():
+    """The native kernel's tiling, masking, grouping and scaling (float32 containers holding fp16 values:
+    the interpreter has no low-precision arithmetic; dtype-specific paths are checked by gpu_check.py)."""
+    from common.lowp.native import native_matmul, native_matmul_reference
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(70, 100, generator=g).half().float()
+    b = torch.randn(100, 45, generator=g).half().float()
+    for scales in [(None, None), (torch.tensor(0.5), 3.0)]:
+        c = native_matmul(a, b, *scales, out_dtype=torch.float32, autotune=False, block=(32, 16, 16))
+        ref = native_matmul_reference(a, b, *scales, out_dtype=torch.float64)
+        bound = 100 * 2**-24 * (a.double().abs() @ b.double().abs()) * (1.5 if scales[0] is not None else 1)
+        assert c.shape == (70, 45) and ((c.double() - ref).abs() <= bound).all()
+    bt = b.t().contiguous().t()  # column-major right operand
+    c2 = native_matmul(a, bt, out_dtype=torch.float32, autotune=False, block=(16, 32, 32))
+    assert torch.allclose(c2.double(), native_matmul_reference(a, b, out_dtype=torch.float64), rtol=1e-5, atol=1e-4)
