@@ -17,6 +17,14 @@ def _isolated_results(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path_factory.mktemp("results")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # `--data-dir` exports LLM4ALL_DATA for the run's subprocesses; a test that passes a fake data dir
+    # must not leak it into the next test
+    saved = os.environ.get("LLM4ALL_DATA")
+    yield
+    if saved is None:
+        os.environ.pop("LLM4ALL_DATA", None)
+    else:
+        os.environ["LLM4ALL_DATA"] = saved
 
 
 @pytest.fixture(scope="session")
