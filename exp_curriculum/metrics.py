@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import lzma
 import math
+import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,7 +33,23 @@ from typing import Any
 import numpy as np
 from scipy.special import gammaln
 
+try:
+    import numba
+except ImportError:  # optional: every kernel below also runs as plain Python (same values, slower)
+    numba = None
+
 LN2 = math.log(2.0)
+USE_NUMBA = numba is not None and os.environ.get("LLM4ALL_NO_NUMBA", "0") != "1"
+
+
+def njit(fn: Callable) -> Callable:
+    """Compile `fn` with numba (on-disk cache, so only the first process pays the ~1 s compile) when it is
+    installed; otherwise return it unchanged. Either way `fn.py_func` is the plain-Python version, which the
+    tests run against the compiled one."""
+    if USE_NUMBA:
+        return numba.njit(cache=True, nogil=True)(fn)
+    fn.py_func = fn
+    return fn
 
 # ---------------------------------------------------------------- tokenisation
 
@@ -163,37 +181,40 @@ def length_bucket_normalise(values: np.ndarray, n_bytes: np.ndarray, n_buckets: 
 
 # ---------------------------------------------------------------- lexical diversity
 
-def _prev_occurrence(ids: np.ndarray) -> np.ndarray:
-    """prev[i] = largest j < i with ids[j] == ids[i], else -1."""
-    order = np.argsort(ids, kind="stable")
-    prev_sorted = np.full(len(ids), -1, dtype=np.int64)
-    same = ids[order[1:]] == ids[order[:-1]]
-    prev_sorted[1:][same] = order[:-1][same]
-    prev = np.empty_like(prev_sorted)
-    prev[order] = prev_sorted
-    return prev
-
-
-def _mtld_one_way(ids: np.ndarray, threshold: float) -> float:
-    """lexicalrichness 0.5.1 sub_mtld, vectorised per factor: token i is new in the segment that starts at
-    s iff its previous occurrence is before s, so the running TTR of a segment is a cumsum."""
+@njit
+def _mtld_kernel(ids: np.ndarray, lo: int, n_types: int, threshold: float, backward: bool) -> float:
+    """lexicalrichness 0.5.1 sub_mtld over integer ids (type = id - lo): the running TTR of the current
+    factor is types/tokens; a factor closes when it is <= threshold. `stamp[t]` holds the factor in which
+    type t was last seen, so resetting a factor is O(1) instead of clearing a set."""
     n = len(ids)
-    prev = _prev_occurrence(ids)
-    factors, s, ttr = 0.0, 0, 1.0
-    while s < n:
-        new = (prev[s:] < s).cumsum()
-        ttrs = new / np.arange(1, n - s + 1)
-        hit = np.flatnonzero(ttrs <= threshold)
-        if len(hit) == 0:
-            ttr = ttrs[-1]
-            factors += (1 - ttr) / (1 - threshold)
-            break
-        factors += 1
-        s += hit[0] + 1
-    if factors == 0:  # no factor and nothing left over: whole-text TTR decides, as in lexicalrichness
-        ttr = len(np.unique(ids)) / n
-        factors = 1.0 if ttr == 1 else (1 - ttr) / (1 - threshold)
+    stamp = np.full(n_types, -1, np.int64)
+    factors, seg, count, types, ttr = 0.0, 0, 0, 0, 1.0
+    for k in range(n):
+        t = ids[n - 1 - k] - lo if backward else ids[k] - lo
+        count += 1
+        if stamp[t] != seg:
+            stamp[t] = seg
+            types += 1
+        ttr = types / count
+        if ttr <= threshold:
+            factors += 1.0
+            seg += 1
+            count, types = 0, 0
+    if count > 0:  # partial factor
+        factors += (1.0 - ttr) / (1.0 - threshold)
+    if factors == 0.0:  # only when every token is unique: lexicalrichness then counts one factor (MTLD = N)
+        factors = 1.0
     return n / factors
+
+
+@njit
+def _mtld_both(ids: np.ndarray, threshold: float) -> float:
+    """Mean of forward and backward MTLD; -1 when the ids are too sparse for a `stamp` array."""
+    lo, hi = ids.min(), ids.max()
+    if hi - lo > 8 * len(ids) + 1024:
+        return -1.0
+    n_types = hi - lo + 1
+    return 0.5 * (_mtld_kernel(ids, lo, n_types, threshold, False) + _mtld_kernel(ids, lo, n_types, threshold, True))
 
 
 def mtld(ids: np.ndarray, threshold: float = 0.72) -> float:
@@ -201,7 +222,12 @@ def mtld(ids: np.ndarray, threshold: float = 0.72) -> float:
     ids = np.asarray(ids)
     if len(ids) == 0:
         return float("nan")
-    return 0.5 * (_mtld_one_way(ids, threshold) + _mtld_one_way(ids[::-1], threshold))
+    if ids.dtype != np.int64:
+        ids = ids.astype(np.int64)
+    out = _mtld_both(ids, threshold)
+    if out < 0:  # sparse ids (e.g. hashes): compact them first
+        out = _mtld_both(np.unique(ids, return_inverse=True)[1].ravel().astype(np.int64), threshold)
+    return out
 
 
 def _p_seen(freqs: np.ndarray, n_tokens: int, draws: np.ndarray) -> np.ndarray:
@@ -284,6 +310,25 @@ def syllables(word: str, lang: str = "en") -> int:
     return sum(len(dic.positions(part)) + 1 for part in word.split("-") if part)
 
 
+class _SyllableCache(dict):
+    """word -> `count(word)`, filled on first sight. `sum(map(cache.__getitem__, words))` then runs in C:
+    one dict hit per word instead of a Python call through lru_cache."""
+
+    def __init__(self, count: Callable[[str], int]):
+        super().__init__()
+        self.count = count
+
+    def __missing__(self, word: str) -> int:
+        self[word] = n = self.count(word)
+        return n
+
+
+@lru_cache(maxsize=8)
+def _word_syllables(lang: str) -> _SyllableCache:
+    _pyphen(lang)  # fail early on an unknown language
+    return _SyllableCache(lambda w: syllables(w, lang))
+
+
 _BOUNDARY = re.compile(r"[.!?\u2026]+[\"'\u201d\u00bb)\]]*(?=\s)")
 
 
@@ -329,7 +374,7 @@ def readability(text: str, lang: str = "en", max_sentence_words: int = 60) -> di
         return {"n_sentences": float(len(sents)), "asl": float("nan"), "asw": float("nan"),
                 "fre": float("nan"), "fkgl": float("nan")}
     asl = len(words) / len(sents)
-    asw = sum(syllables(w, lang) for w in words) / len(words)
+    asw = sum(map(_word_syllables(lang).__getitem__, words)) / len(words)
     c = FRE_CONSTANTS[lang]
     return {"n_sentences": float(len(sents)), "asl": asl, "asw": asw,
             "fre": c.base - c.asl * asl - c.asw * asw, "fkgl": 0.39 * asl + 11.8 * asw - 15.59}
@@ -344,18 +389,84 @@ def _ts_syllables(word: str, lang: str) -> int:
     return len(_pyphen(lang).positions(word)) + 1
 
 
+def _ts_token_count(token: str, lang: str) -> int:
+    word = _ts_remove_punct(token)
+    return _ts_syllables(word, lang) if word else 0
+
+
+@lru_cache(maxsize=8)
+def _ts_token_syllables(lang: str) -> _SyllableCache:
+    """Lower-cased whitespace token -> textstat syllables of what is left once its punctuation is deleted
+    (0 when nothing is left): a document costs one dict hit per token, pyphen only sees new tokens."""
+    _pyphen(lang)
+    return _SyllableCache(lambda tok: _ts_token_count(tok, lang))
+
+
+def clear_syllable_caches() -> None:
+    """Forget every cached syllable count (pyphen keeps its own per-word cache)."""
+    for cache in (_ts_token_syllables, _word_syllables, _ts_syllables, syllables):
+        cache.cache_clear()
+
+
+CHAR_WORD, CHAR_SPACE, CHAR_STOP = 1, 2, 4
+
+
+@lru_cache(maxsize=1)
+def char_classes() -> np.ndarray:
+    """Bit flags for every code point, taken from `re` itself: \\w, \\s (= str.isspace, what str.split uses)
+    and textstat's sentence terminators .!? (1.1 MB, built once in ~0.2 s)."""
+    every = "".join(map(chr, range(0x110000)))
+    table = np.zeros(0x110000, dtype=np.uint8)
+    for pattern, bit in ((r"\w", CHAR_WORD), (r"\s", CHAR_SPACE), (r"[.!?]", CHAR_STOP)):
+        table[[m.start() for m in re.finditer(pattern, every)]] |= bit
+    return table
+
+
+def codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+@njit
+def _ts_word_sentence_counts(cp: np.ndarray, classes: np.ndarray) -> tuple[int, int]:
+    """(words, sentences of >= 3 words) by textstat 0.7.4's rules, in one pass over the code points.
+
+    Words: whitespace-separated tokens that keep a \\w character once punctuation is deleted. Sentences: the
+    regex \\b[^.!?]+[.!?]* matches each maximal run of non-terminators holding a \\w character (from its
+    first one on); the run's words are its pieces between whitespace that hold a \\w character."""
+    words, long_sents = 0, 0
+    tok_word = False     # the current whitespace token holds a \w
+    piece_word = False   # the current piece (cut at whitespace and at terminators) holds a \w
+    sent_words = 0       # word pieces seen so far in the current run of non-terminators
+    for k in range(len(cp)):
+        c = classes[cp[k]]
+        if c & (CHAR_SPACE | CHAR_STOP):
+            sent_words += piece_word
+            piece_word = False
+            if c & CHAR_SPACE:
+                words += tok_word
+                tok_word = False
+            else:
+                long_sents += sent_words >= 3
+                sent_words = 0
+        elif c & CHAR_WORD:
+            tok_word = piece_word = True
+    words += tok_word
+    sent_words += piece_word
+    long_sents += sent_words >= 3
+    return words, long_sents
+
+
 def readability_textstat(text: str, lang: str = "en") -> dict[str, float]:
     """textstat 0.7.4's FRE/FKGL rules reproduced (with `textstat.set_rounding(False)`), for checking.
 
     Sentences = regex ``\\b[^.!?]+[.!?]*`` minus those of <= 2 words, floored at 1; words = whitespace split
-    after deleting punctuation (hyphens and elision apostrophes too: "l'homme" -> "lhomme")."""
-    words = _ts_remove_punct(text).split()
-    sentences = re.findall(r"\b[^.!?]+[.!?]*", text, re.UNICODE)
-    n_sent = max(1, len(sentences) - sum(len(_ts_remove_punct(s).split()) <= 2 for s in sentences))
-    if not words:
+    after deleting punctuation (hyphens and elision apostrophes too: "l'homme" -> "lhomme"). Words and
+    sentences are counted in one compiled pass over the code points, syllables through a per-token cache."""
+    n_words, n_long = _ts_word_sentence_counts(codepoints(text), char_classes())
+    if not n_words:
         return {"fre": float("nan"), "fkgl": float("nan")}
-    syl = sum(_ts_syllables(w, lang) for w in _ts_remove_punct(text.lower()).split())
-    asl, asw = len(words) / n_sent, syl / len(words)
+    syl = sum(map(_ts_token_syllables(lang).__getitem__, text.lower().split()))
+    asl, asw = n_words / max(1, n_long), syl / n_words
     c = FRE_CONSTANTS[lang]
     return {"fre": c.base - c.asl * asl - c.asw * asw, "fkgl": 0.39 * asl + 11.8 * asw - 15.59}
 

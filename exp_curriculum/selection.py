@@ -4,9 +4,10 @@ Near-duplicate detection and selection: MinHash-LSH (vectorised numpy) and SemDe
 
 MinHash reproduces datasketch 2.0.0's default "affine32" scheme bit for bit: 32-bit SHA-1 hash of each
 shingle, MurmurHash3 fmix32 pre-mix, permutations h -> a*h + b mod 2^32 with (a, b) drawn from
-``np.random.RandomState(seed)`` exactly as datasketch draws them. The speed comes from hashing every
-document's shingles in one pass and taking per-document minima with ``np.minimum.reduceat`` instead of
-one Python object per document.
+``np.random.RandomState(seed)`` exactly as datasketch draws them. With numba installed, compiled kernels
+apply the permutations (and, for ``hashing: fast``, hash the words and n-grams too) in one pass without
+intermediate arrays; otherwise the numpy version hashes every document's shingles at once and takes
+per-document minima with ``np.minimum.reduceat``. Both give identical signatures (tested).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 from scipy.integrate import quad
+
+from exp_curriculum.metrics import USE_NUMBA, njit
 
 _FMIX32 = (16, np.uint32(0x85EBCA6B), 13, np.uint32(0xC2B2AE35), 16)
 MAX32 = np.uint32(0xFFFFFFFF)
@@ -128,9 +131,18 @@ def _flat_hashes(texts: list[str], cfg: MinHashConfig) -> tuple[np.ndarray, np.n
 
 
 def minhash_signatures(texts: list[str], cfg: MinHashConfig, chunk: int = 1 << 13) -> np.ndarray:
-    """(n_docs, num_perm) uint32 signatures; a document without words gets the all-max signature."""
-    flat, lengths = _flat_hashes(texts, cfg)
+    """(n_docs, num_perm) uint32 signatures; a document without words gets the all-max signature.
+    Compiled kernels when numba is installed, else the numpy version (same values, tested)."""
+    texts = [t.replace("\x00", " ") if "\x00" in t else t for t in texts]  # NUL separates documents
     a, b = permutations(cfg.num_perm, cfg.seed)
+    if USE_NUMBA:
+        return _signatures_numba(texts, cfg, a, b)
+    return _signatures_numpy(texts, cfg, a, b, chunk)
+
+
+def _signatures_numpy(texts: list[str], cfg: MinHashConfig, a: np.ndarray, b: np.ndarray, chunk: int,
+                      ) -> np.ndarray:
+    flat, lengths = _flat_hashes(texts, cfg)
     sig = np.full((len(texts), cfg.num_perm), MAX32, dtype=np.uint32)
     nonempty = np.flatnonzero(lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -149,6 +161,94 @@ def minhash_signatures(texts: list[str], cfg: MinHashConfig, chunk: int = 1 << 1
         sig[docs] = np.minimum.reduceat(phv, starts[docs] - lo, axis=1).T
         i = j
     return sig
+
+
+# ---------------------------------------------------------------- compiled MinHash (numba)
+# uint64 arithmetic masked to 32 bits gives exactly numpy's uint32 wrap-around; every constant is a uint64 so
+# numba never mixes signed and unsigned integers (which it would promote to float).
+_M32 = np.uint64(0xFFFFFFFF)
+_C1, _C2 = np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35)
+_GOLDEN, _FNV_P, _FNV_0 = np.uint64(0x9E3779B1), np.uint64(_P), np.uint64(0x811C9DC5)
+_S16, _S13 = np.uint64(16), np.uint64(13)
+
+
+@njit
+def _fmix32_scalar(h: np.uint64) -> np.uint64:
+    h ^= h >> _S16
+    h = (h * _C1) & _M32
+    h ^= h >> _S13
+    h = (h * _C2) & _M32
+    return h ^ (h >> _S16)
+
+
+@njit
+def _permute_min(h: np.uint64, a: np.ndarray, b: np.ndarray, row: np.ndarray) -> None:
+    """row[p] = min(row[p], (a[p] * h + b[p]) mod 2^32): one shingle into one signature."""
+    for p in range(len(a)):
+        v = (a[p] * h + b[p]) & _M32
+        if v < row[p]:
+            row[p] = v
+
+
+@njit
+def _signatures_kernel(flat: np.ndarray, lengths: np.ndarray, a: np.ndarray, b: np.ndarray,
+                       sig: np.ndarray) -> None:
+    """Signatures from already-mixed shingle hashes, documents stored one after the other in `flat`."""
+    pos = 0
+    for d in range(len(lengths)):
+        for k in range(pos, pos + lengths[d]):
+            _permute_min(np.uint64(flat[k]), a, b, sig[d])
+        pos += lengths[d]
+
+
+@njit
+def _fold_words(ring: np.ndarray, first: int, count: int, n: int) -> np.uint64:
+    """FNV-style combination of `count` consecutive word hashes of the ring buffer, then fmix32."""
+    acc = _FNV_0
+    for k in range(count):
+        acc = ((acc * _FNV_P) & _M32) ^ ring[(first + k) % n]
+    return _fmix32_scalar(acc)
+
+
+@njit
+def _fast_signatures_kernel(cp: np.ndarray, is_word: np.ndarray, n: int, a: np.ndarray, b: np.ndarray,
+                            sig: np.ndarray) -> None:
+    """`fast_shingle_hashes` followed by the permutations, fused: one pass over the NUL-separated code
+    points, no intermediate arrays. Word hashes of the last n words sit in a ring buffer."""
+    ring = np.zeros(n, dtype=np.uint64)
+    doc, n_words, word_sum, offset = 0, 0, np.uint64(0), np.uint64(0)
+    in_word = False
+    for k in range(len(cp) + 1):
+        c = cp[k] if k < len(cp) else 0
+        w = c != 0 and (c >= 65536 or is_word[c])
+        if w:
+            word_sum = (word_sum + _fmix32_scalar(np.uint64(c) ^ ((offset * _GOLDEN) & _M32))) & _M32
+            offset += np.uint64(1)
+            in_word = True
+            continue
+        if in_word:  # a word just ended
+            ring[n_words % n] = _fmix32_scalar(word_sum)
+            n_words += 1
+            if n_words >= n:
+                _permute_min(_fold_words(ring, n_words - n, n, n), a, b, sig[doc])
+            word_sum, offset, in_word = np.uint64(0), np.uint64(0), False
+        if c == 0:  # end of a document
+            if 0 < n_words < n:  # short document: one shingle of all its words
+                _permute_min(_fold_words(ring, 0, n_words, n), a, b, sig[doc])
+            doc += 1
+            n_words = 0
+
+
+def _signatures_numba(texts: list[str], cfg: MinHashConfig, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sig = np.full((len(texts), cfg.num_perm), 0xFFFFFFFF, dtype=np.uint64)
+    a64, b64 = a.astype(np.uint64), b.astype(np.uint64)
+    if cfg.hashing == "fast":
+        cp = np.frombuffer("\x00".join(texts).lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        _fast_signatures_kernel(cp, _word_char_table(), cfg.ngram, a64, b64, sig)
+    else:
+        flat, lengths = _flat_hashes(texts, cfg)
+        _signatures_kernel(flat, lengths, a64, b64, sig)
+    return sig.astype(np.uint32)
 
 
 @lru_cache(maxsize=64)

@@ -70,6 +70,21 @@ def test_lexical_hand_cases():
     assert M.mtld(rep) == pytest.approx(3.0)
     assert math.isnan(M.hdd(np.arange(41)))
     assert M.hdd(np.arange(100)) == pytest.approx(1.0)  # every draw is a new type
+    assert M.mtld(np.arange(52) * 10**12) == 52.0  # sparse ids are compacted first
+
+
+def test_compiled_kernels_match_pure_python():
+    """The numba kernels and their plain-Python source (the fallback without numba) give equal values."""
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 60, 400):
+        ids = rng.integers(0, max(n // 3, 1), n).astype(np.int64)
+        for backward in (False, True):
+            args = (ids, 0, int(ids.max()) + 1, 0.72, backward)
+            assert M._mtld_kernel(*args) == M._mtld_kernel.py_func(*args)
+    classes = M.char_classes()
+    for text in ("Hi. -- ! Yo man go. e.g. this is it", "", "a b\n\nc d e f? g", "x_y 42\u2028z\u00a0w."):
+        cp = M.codepoints(text)
+        assert M._ts_word_sentence_counts(cp, classes) == M._ts_word_sentence_counts.py_func(cp, classes)
 
 
 @needs_data
@@ -119,8 +134,11 @@ def test_mtld_vs_lexical_diversity_documented_difference(real_docs):
 def test_readability_reproduces_textstat(real_docs):
     textstat = pytest.importorskip("textstat")
     textstat.set_rounding(False)
+    edge = [("Hi. -- ! Yo man go. e.g. this is it", "en"), ("one two three\nfour five!!! six? seven eight", "en"),
+            ("\u2028odd\u00a0space\u2026 ok. fine fine fine. c'est l'homme qu'elle aime, bien-aimé", "fr"),
+            ("Straße İstanbul ΣΑΣ naïve co-op x_y 42 3.5 apples. Dr. Who?", "en")]
     try:
-        for text, lang in real_docs:
+        for text, lang in real_docs + edge:
             textstat.set_lang("en_US" if lang == "en" else "fr")
             ours = M.readability_textstat(text, lang)
             assert ours["fre"] == pytest.approx(textstat.flesch_reading_ease(text), abs=1e-9)

@@ -53,6 +53,17 @@ def test_minhash_bit_identical_and_same_lsh_pairs_as_datasketch(texts_with_dups)
 
 
 @needs_data
+def test_compiled_minhash_matches_numpy(texts_with_dups):
+    texts = texts_with_dups[:40] + ["", "one", "a b c d", "a b c d e", "𝔘𝔫𝔦 code 😀 x y z", "!!!", "nul\x00inside"]
+    for hashing in ("sha1", "fast"):
+        cfg = S.MinHashConfig(num_perm=64, ngram=5, hashing=hashing)
+        a, b = S.permutations(cfg.num_perm, cfg.seed)
+        clean = [t.replace("\x00", " ") for t in texts]
+        assert np.array_equal(S._signatures_numba(clean, cfg, a, b), S._signatures_numpy(clean, cfg, a, b, 1 << 13))
+        assert np.array_equal(S.minhash_signatures(texts, cfg)[-1], S.minhash_signatures(clean[-1:], cfg)[0])
+
+
+@needs_data
 def test_fast_hashing_agrees_with_datasketch_up_to_estimator_error(texts_with_dups):
     cfg = S.MinHashConfig(num_perm=256, threshold=0.8, ngram=5, hashing="fast")
     keep, pairs = S.minhash_dedup(texts_with_dups, cfg)
