@@ -63,6 +63,8 @@ class HarnessStageConfig:
     sweep_steps: int = 800
     sweep_mtbf_s: float = 5.0
     sweep_fault_seeds: list[int] = field(default_factory=lambda: [1])
+    sweep_restart: str = "warm"                 # sweep jobs restart warm: more faults per CPU minute
+    sweep_parallel: int = 1                     # sweep jobs run at once (each trainer uses one thread)
     identity_tol: float = 0.05
 
 
@@ -92,6 +94,10 @@ class Config:
         h = self.harness
         if not h.sweep_intervals or min(h.sweep_intervals) < 1:
             raise ValueError("key 'harness.sweep_intervals' must be a non-empty list of positive step counts")
+        if h.sweep_restart not in ("cold", "warm") or h.job.restart not in ("cold", "warm"):
+            raise ValueError("keys 'harness.sweep_restart' and 'harness.job.restart' must be 'cold' or 'warm'")
+        if h.sweep_parallel < 1:
+            raise ValueError("key 'harness.sweep_parallel' must be >= 1")
         if h.sweep_steps < 1 or h.job.steps < 1:
             raise ValueError("keys 'harness.sweep_steps' and 'harness.job.steps' must be >= 1")
         if self.sim.commit < self.sim.delta:

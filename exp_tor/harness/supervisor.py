@@ -9,6 +9,12 @@ interruptible), which is the model ``tor.py`` calls ``mtbf_kind="uptime"``.
 Fail-slow faults: windows (start, duration, rho) on the job clock, drawn up front from an exponential
 process (mean gap ``slow_mtbf_s``) and written to ``slow_schedule.json`` for the trainer to apply.
 
+Restarts are ``cold`` (a fresh interpreter per attempt: imports, model build, checkpoint load — what a
+rescheduled job pays) or ``warm`` (the attempt is forked from a multiprocessing forkserver that imported
+torch, transformers' GPT-2 and accelerate once, like a standby process kept ready; the restart still
+builds the model, sets up accelerate and loads the checkpoint). Either way the time from spawn to the
+first step is measured and booked to repair (or start-up for the first launch), never assumed.
+
 Supervisor events go to ``<run_dir>/supervisor_events.jsonl``: job_start, spawn, fault, detected,
 repair_end, job_end. The exact injected times are also returned for replay in the simulator.
 """
@@ -16,8 +22,8 @@ repair_end, job_end. The exact injected times are also returned for replay in th
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -48,6 +54,7 @@ class HarnessConfig:
     slow_duration_s: float = 3.0    # D
     slow_rho: float = 0.5           # step rate while slow, as a fraction of healthy
     fault_seed: int = 1             # fault draws are seeded apart from training (common random numbers)
+    restart: str = "cold"           # "cold": new interpreter per attempt; "warm": fork from a preloaded forkserver
     max_attempts: int = 50
     attempt_timeout_s: float = 600.0
 
@@ -79,6 +86,39 @@ def _trainer_began(events: Path, attempt: int, offset: int) -> tuple[bool, int]:
     return False, offset + len(chunk) - len(rest)
 
 
+# What a warm restart has already imported (the trainer imports transformers lazily when it builds the model).
+WARM_PRELOAD = ["exp_tor.harness.trainer", "common.train", "accelerate", "transformers",
+                "transformers.models.gpt2.modeling_gpt2"]
+
+
+class _Attempt:
+    """One trainer process, cold (``subprocess``) or warm (forked by the forkserver): poll / kill."""
+
+    def __init__(self, cfg: HarnessConfig, run: Path, attempt: int, job_start: float, env: dict) -> None:
+        log_path = run / f"trainer_attempt{attempt}.log"
+        if cfg.restart == "warm":
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(WARM_PRELOAD)
+            from exp_tor.harness.trainer import run_attempt
+
+            self.proc = ctx.Process(target=run_attempt, args=(str(run), attempt, job_start, str(log_path)))
+            self.proc.start()
+        else:
+            with open(log_path, "w") as out:
+                self.proc = subprocess.Popen([sys.executable, "-m", "exp_tor.harness.trainer", str(run)],
+                                             env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode if isinstance(self.proc, mp.process.BaseProcess) else self.proc.poll()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        if isinstance(self.proc, mp.process.BaseProcess):
+            self.proc.join()
+        else:
+            self.proc.wait()
+
+
 def slow_windows(cfg: HarnessConfig, horizon_s: float, rng: np.random.Generator) -> list[dict]:
     if cfg.slow_mtbf_s <= 0:
         return []
@@ -93,6 +133,8 @@ def slow_windows(cfg: HarnessConfig, horizon_s: float, rng: np.random.Generator)
 
 def run_job(cfg: HarnessConfig, run_dir: str | Path, slow_horizon_s: float = 600.0) -> dict:
     """Run one fault-injected training job to completion; returns the injected schedule and paths."""
+    if cfg.restart not in ("cold", "warm"):
+        raise ValueError(f"key 'restart' must be 'cold' or 'warm', got {cfg.restart!r}")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "harness_config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -109,9 +151,7 @@ def run_job(cfg: HarnessConfig, run_dir: str | Path, slow_horizon_s: float = 600
     for attempt in range(cfg.max_attempts):
         env["TOR_ATTEMPT"] = str(attempt)
         log("spawn", attempt=attempt)
-        with open(run / f"trainer_attempt{attempt}.log", "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "exp_tor.harness.trainer", str(run)], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
+        proc = _Attempt(cfg, run, attempt, job_start, env)
         kill_after = rng.exponential(cfg.mtbf_s) if cfg.mtbf_s > 0 else float("inf")
         began_at = None
         deadline = time.time() + cfg.attempt_timeout_s
@@ -122,8 +162,7 @@ def run_job(cfg: HarnessConfig, run_dir: str | Path, slow_horizon_s: float = 600
                     began_at = time.time()
             elif time.time() - began_at >= kill_after:
                 t_fault = log("fault", attempt=attempt, kind="fail_stop", uptime_s=time.time() - began_at)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                proc.kill()  # SIGKILL
                 log("detected", attempt=attempt)
                 faults.append({"time": t_fault - job_start, "uptime_s": kill_after, "attempt": attempt})
                 time.sleep(cfg.repair_s)
@@ -135,8 +174,8 @@ def run_job(cfg: HarnessConfig, run_dir: str | Path, slow_horizon_s: float = 600
                                    f"see {run / f'trainer_attempt{attempt}.log'}")
             time.sleep(0.005)
         else:
-            if proc.returncode != 0:
-                raise RuntimeError(f"trainer attempt {attempt} failed with exit code {proc.returncode}; "
+            if proc.poll() != 0:
+                raise RuntimeError(f"trainer attempt {attempt} failed with exit code {proc.poll()}; "
                                    f"see {run / f'trainer_attempt{attempt}.log'}")
             log("job_end", attempts=attempt + 1)
             return {"run_dir": str(run), "fail_stop": faults, "fail_slow": slow, "attempts": attempt + 1}
@@ -151,6 +190,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=HarnessConfig.steps)
     p.add_argument("--checkpoint-every", type=int, default=HarnessConfig.checkpoint_every)
     p.add_argument("--mtbf", type=float, default=0.0)
+    p.add_argument("--restart", choices=("cold", "warm"), default=HarnessConfig.restart)
     args = p.parse_args()
     print(json.dumps(run_job(HarnessConfig(steps=args.steps, checkpoint_every=args.checkpoint_every,
-                                           mtbf_s=args.mtbf), args.run_dir), indent=1))
+                                           mtbf_s=args.mtbf, restart=args.restart), args.run_dir), indent=1))

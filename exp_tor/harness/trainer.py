@@ -7,6 +7,9 @@ here: during a slow window from ``<run_dir>/slow_schedule.json`` each step is st
 ``(1/rho - 1)`` times its own compute time, so the step rate is exactly ``rho`` of healthy.
 
     python -m exp_tor.harness.trainer RUN_DIR   # reads RUN_DIR/harness_config.json
+
+``run_attempt`` is the entry point of a warm restart: the supervisor forks it from a forkserver that has
+already imported this module, transformers' GPT-2 and accelerate (see ``supervisor.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from common.data import load_text
 from common.models import build_causal_lm
@@ -57,10 +62,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str, attempt: int | None = None, job_start: float | None = None) -> None:
     run = Path(run_dir)
     cfg = json.loads((run / "harness_config.json").read_text())
-    attempt = int(os.environ.get("TOR_ATTEMPT", "0"))
+    attempt = int(os.environ.get("TOR_ATTEMPT", "0")) if attempt is None else attempt
     log = EventLog(run / "trainer_events.jsonl", attempt)
     torch.set_num_threads(int(cfg.get("threads", 1)))  # steady step times: no oversubscription
     torch.manual_seed(cfg["seed"])
@@ -69,7 +74,8 @@ def main(run_dir: str) -> None:
     text = load_text(cfg["corpus"])["text"][0]
     dataset = byte_dataset(text, cfg["seq_len"], cfg["n_seqs"])
     schedule = json.loads((run / "slow_schedule.json").read_text()) if (run / "slow_schedule.json").exists() else []
-    job_start = float(os.environ.get("TOR_JOB_START", time.time()))
+    if job_start is None:
+        job_start = float(os.environ.get("TOR_JOB_START", time.time()))
     extra_save_delay = float(cfg.get("extra_checkpoint_delay_s", 0.0))
     state = {"last": None}
 
@@ -100,6 +106,18 @@ def main(run_dir: str) -> None:
                        seed=cfg["seed"], cpu=True)
     res = train(model, dataset, tcfg, run / "checkpoints", collate_fn=collate, callbacks=[on_event])
     log("train_end", step=res.step, loss=res.final_loss, weights_sha256=weights_sha256(model))
+
+
+def run_attempt(run_dir: str, attempt: int, job_start: float, log_path: str) -> None:
+    """A warm-restarted attempt: output to the attempt's log file, then ``main``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    # tqdm's default lock is a multiprocessing semaphore, which a SIGKILL would leak; one process needs none
+    tqdm.set_lock(threading.RLock())
+    main(run_dir, attempt, job_start)
 
 
 if __name__ == "__main__":

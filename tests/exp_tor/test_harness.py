@@ -18,11 +18,11 @@ def runs(tmp_path_factory, data_root):
     # mtbf 1.5 s of uptime, fault seed 1: the first draws kill the trainer before it can finish
     info = run_job(HarnessConfig(**base, mtbf_s=1.5, slow_mtbf_s=1.5, slow_duration_s=1.0, slow_rho=0.5),
                    faulty_dir)
-    return analyze(clean_dir), analyze(faulty_dir), info, faulty_dir
+    return analyze(clean_dir), analyze(faulty_dir), info, faulty_dir, base
 
 
 def test_killed_run_resumes_bit_exactly(runs):
-    clean, faulty, info, _ = runs
+    clean, faulty, info, *_ = runs
     assert len(info["fail_stop"]) >= 1 and faulty.n_fail_stop == len(info["fail_stop"])
     assert faulty.weights_sha256 == clean.weights_sha256
     assert faulty.final_loss == clean.final_loss
@@ -30,7 +30,7 @@ def test_killed_run_resumes_bit_exactly(runs):
 
 
 def test_every_second_is_booked_once_and_identity_closes(runs):
-    _, faulty, _, run_dir = runs
+    _, faulty, _, run_dir, _ = runs
     assert set(faulty.stages) == set(STAGES)
     assert sum(faulty.stages.values()) == pytest.approx(faulty.T_obs, rel=1e-9)
     assert faulty.stages["useful"] == pytest.approx(faulty.T_opt)
@@ -46,11 +46,28 @@ def test_every_second_is_booked_once_and_identity_closes(runs):
 
 
 def test_estimates_are_consistent_with_injection(runs):
-    clean, faulty, info, _ = runs
+    clean, faulty, info, *_ = runs
     assert faulty.delta > 0 and faulty.tau == pytest.approx(20 * faulty.t_step_opt)
     assert faulty.repair >= 0.2  # at least the injected repair sleep
     if faulty.n_fail_slow:
         assert 0.3 < faulty.rho < 0.7  # injected 0.5 (sleep granularity and logging blur it)
+
+
+def test_warm_restart_resumes_bit_exactly_and_starts_faster(runs, tmp_path):
+    """Attempts forked from the preloaded forkserver: same final weights, restart cost measured."""
+    clean, faulty_cold, *_, base = runs
+    info = run_job(HarnessConfig(**base, mtbf_s=1.0, restart="warm"), tmp_path)
+    warm = analyze(tmp_path)
+    assert len(info["fail_stop"]) >= 1 and warm.n_fail_stop == len(info["fail_stop"])
+    assert warm.weights_sha256 == clean.weights_sha256 and warm.final_loss == clean.final_loss
+    check_identity(warm, rel_tol=0.05)
+    # repair = detection + injected sleep + restart up to the first step; a warm restart skips the imports
+    assert base["repair_s"] <= warm.repair < faulty_cold.repair
+
+
+def test_bad_restart_mode_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="restart"):
+        run_job(HarnessConfig(restart="hot"), tmp_path)
 
 
 def test_corrupt_event_log_names_the_line(tmp_path):

@@ -63,8 +63,8 @@ def test_harness_stage_via_run():
     argv = ["--profile", "quick", "--stage", "harness",
             "harness.job.steps=60", "harness.job.checkpoint_every=20", "harness.job.mtbf_s=1.5",
             "harness.job.repair_s=0.1", "harness.job.slow_mtbf_s=1.0", "harness.job.slow_duration_s=0.3",
-            "harness.job.n_seqs=256", "harness.sweep_intervals=[10,40]", "harness.sweep_steps=40",
-            "harness.sweep_mtbf_s=30.0"]
+            "harness.job.n_seqs=256", "harness.sweep_intervals=[10,40]", "harness.sweep_steps=60",
+            "harness.sweep_mtbf_s=1.0", "harness.sweep_fault_seeds=[1,2]", "harness.sweep_parallel=2"]
     assert run.main(argv) == 0
     df = load_results()
     v = df[df["table"] == "harness_validation"]
@@ -74,8 +74,14 @@ def test_harness_stage_via_run():
     n_faults = v[(v["method"] == "estimate") & (v["metric"] == "mtbf_uptime")]["value"]
     assert len(n_faults) == 1
     opt = df[df["table"] == "harness_interval_optimum"]
-    assert {"predicted_numeric_exact", "empirical_peak", "young", "daly"} <= set(opt["method"])
-    assert set(df[df["table"] == "harness_interval_sweep"]["p.checkpoint_every"].dropna()) == {10, 40}
+    assert {"predicted_numeric_exact", "predicted_grid_best", "empirical_peak", "young", "daly"} <= set(opt["method"])
+    gap = opt[opt["metric"] == "tor_shortfall"]
+    assert len(gap) == 1 and gap["value"].iloc[0] >= 0 and gap["n"].iloc[0] == 2
+    sweep = df[df["table"] == "harness_interval_sweep"]
+    assert set(sweep["p.checkpoint_every"].dropna()) == {10, 40}
+    observed = sweep[(sweep["method"] == "observed") & (sweep["metric"] == "tor")]
+    assert len(observed) == 4 and set(observed["p.restart"]) == {"warm"}
+    assert len(sweep[sweep["method"] == "predicted_pooled"]) == 2
     import exp_tor.figures  # noqa: F401
     from common.plotting import FIGURES
     for key in ("exp_tor/harness_rt", "exp_tor/harness_interval_sweep"):
