@@ -92,10 +92,12 @@ def harness_interval_sweep(df):
     for method, g in d.groupby("method"):
         g = g.groupby("p.checkpoint_every")["value"].agg(["mean", "std", "count"]).sort_index()
         err = (g["std"] / g["count"] ** 0.5).fillna(0) if method == "observed" else None
-        ax.errorbar(g.index, g["mean"], yerr=err, marker="o" if method == "observed" else None,
-                    ls="-" if method == "observed" else "--", label=method.replace("_", " "))
+        ls = {"observed": "-", "closed_form": "--"}.get(method, ":")
+        label = {"closed_form": "closed form (each run's estimates)",
+                 "predicted_pooled": "predicted (pooled estimates)"}.get(method, method)
+        ax.errorbar(g.index, g["mean"], yerr=err, marker="o" if method == "observed" else None, ls=ls, label=label)
     opt = _rows(df, "harness_interval_optimum")
-    for method, ls in (("predicted_numeric_exact", ":"), ("empirical_peak", "-.")):
+    for method, ls in (("predicted_numeric_exact", (0, (1, 1))), ("empirical_peak", "-.")):
         v = opt[opt["method"] == method]["value"]
         if len(v):
             ax.axvline(float(v.iloc[-1]), color="k", ls=ls, lw=1, label=f"{method.replace('_', ' ')}")
