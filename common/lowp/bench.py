@@ -2,14 +2,16 @@
 
     python -m common.lowp.bench --profile quick [threads=1]
 
-1. quantize throughput (elements/s, float32 input) of ``quantize`` (auto = what users get; torch-int = the
-   integer-bit path always) against its peers: the ml_dtypes cast (float32 -> format, one way; the round trip
-   back to float32 is reported as well) and a naive PyTorch rounding (frexp/ldexp/round), ratios printed.
+1. quantize throughput (elements/s, float32 input) of ``quantize`` (auto = what users get: the numba kernels
+   on CPU unless LLM4ALL_NO_NUMBA=1; numba = that backend always; torch-int = the integer-bit torch path)
+   against its peers: the ml_dtypes cast (float32 -> format, one way; the round trip back to float32 is
+   reported as well) and a naive PyTorch rounding (frexp/ldexp/round), ratios printed.
 2. emulated-matmul overhead: ``emulated_matmul`` (torch reference) time / fp32 ``torch.matmul`` time.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,7 +24,10 @@ import torch
 from common.config import parse_config
 from common.lowp import emulated_matmul, get_format, quantize
 from common.lowp.formats import FloatFormat
+from common.lowp.quantize import auto_backend
 from common.results import Run
+
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 ML_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp8_e4m3fn": ml_dtypes.float8_e4m3fn,
              "fp8_e5m2": ml_dtypes.float8_e5m2, "fp6_e3m2": ml_dtypes.float6_e3m2fn,
@@ -75,44 +80,54 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def _quantize_rates(x: torch.Tensor, fmt: FloatFormat, mode: str, cfg: BenchConfig) -> dict[str, float]:
+    """Elements/s of each method; stochastic runs draw from a fixed-seed generator (same bits per backend)."""
+    n = x.numel()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rate = {}
+    for method, backend in (("auto", "auto"), ("numba", "numba"), ("torch-int", "torch")):
+        if backend == "numba" and not _HAVE_NUMBA:
+            continue
+        rate[method] = n / best_time(partial(quantize, x, fmt, mode, generator=gen, backend=backend), cfg.repeats)
+    if mode == "rne":
+        rate["naive"] = n / best_time(partial(naive_quantize, x, fmt), cfg.repeats)
+        peer = ML_DTYPES.get(fmt.name)
+        if peer is not None:
+            xn = x.numpy()
+            with np.errstate(all="ignore"):
+                rate["ml_dtypes"] = n / best_time(partial(xn.astype, peer), cfg.repeats)
+                rate["ml_dtypes_roundtrip"] = n / best_time(partial(_roundtrip, xn, peer), cfg.repeats)
+    return rate
+
+
 def bench_quantize(cfg: BenchConfig, run: Run) -> None:
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.n_elements, generator=g)
-    xn = x.numpy()
-    n = cfg.n_elements
-    print(f"\nquantize throughput, {n} float32 elements, {torch.get_num_threads()} torch threads (M elem/s)")
-    print(f"{'format':12s} {'mode':10s} {'auto':>8s} {'torch-int':>10s} {'naive':>8s} {'ml_dtypes':>10s} "
-          f"{'ml_rt':>8s} {'auto/ml_dtypes':>15s} {'auto/naive':>11s}")
+    n, threads = cfg.n_elements, torch.get_num_threads()
+    print(f"\nquantize throughput, {n} float32 elements, {threads} torch threads (M elem/s); "
+          f"auto = {auto_backend(x)}")
+    print(f"{'format':12s} {'mode':10s} {'auto':>8s} {'numba':>8s} {'torch-int':>10s} {'naive':>8s} "
+          f"{'ml_dtypes':>10s} {'ml_rt':>8s} {'auto/ml_dtypes':>15s} {'auto/naive':>11s}")
     for name in cfg.formats:
         fmt = get_format(name)
-        peer = ML_DTYPES.get(name)
         for mode in cfg.modes:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            rate = {
-                "auto": n / best_time(partial(quantize, x, fmt, mode, generator=gen), cfg.repeats),
-                "torch-int": n / best_time(partial(quantize, x, fmt, mode, generator=gen, backend="torch"),
-                                           cfg.repeats),
-            }
-            if mode == "rne":
-                rate["naive"] = n / best_time(partial(naive_quantize, x, fmt), cfg.repeats)
-                if peer is not None:
-                    with np.errstate(all="ignore"):
-                        rate["ml_dtypes"] = n / best_time(partial(xn.astype, peer), cfg.repeats)
-                        rate["ml_dtypes_roundtrip"] = n / best_time(partial(_roundtrip, xn, peer), cfg.repeats)
+            rate = _quantize_rates(x, fmt, mode, cfg)
+            params = {"format": name, "mode": mode, "threads": threads, "auto_backend": auto_backend(x)}
             for method, r in rate.items():
                 run.log(table="quantize_throughput", method=method, metric="elements_per_s", value=r, n=n,
-                        params={"format": name, "mode": mode, "threads": torch.get_num_threads()})
+                        params=params)
             ratios = {}
-            for peer_name in ("ml_dtypes", "naive"):
-                if peer_name in rate:
-                    ratios[peer_name] = rate["auto"] / rate[peer_name]
-                    run.log(table="quantize_throughput", method=f"auto_vs_{peer_name}", metric="speedup",
-                            value=ratios[peer_name], n=n, params={"format": name, "mode": mode,
-                                                                   "threads": torch.get_num_threads()})
+            for ours, peer_name in (("auto", "ml_dtypes"), ("numba", "ml_dtypes"), ("auto", "naive")):
+                if ours in rate and peer_name in rate:
+                    ratios[ours, peer_name] = rate[ours] / rate[peer_name]
+                    run.log(table="quantize_throughput", method=f"{ours}_vs_{peer_name}", metric="speedup",
+                            value=ratios[ours, peer_name], n=n, params=params)
             fmt_r = {k: f"{v / 1e6:8.1f}" for k, v in rate.items()}
-            print(f"{name:12s} {mode:10s} {fmt_r['auto']:>8s} {fmt_r['torch-int']:>10s} {fmt_r.get('naive', '-'):>8s} "
-                  f"{fmt_r.get('ml_dtypes', '-'):>10s} {fmt_r.get('ml_dtypes_roundtrip', '-'):>8s} "
-                  f"{ratios.get('ml_dtypes', float('nan')):15.2f} {ratios.get('naive', float('nan')):11.2f}")
+            print(f"{name:12s} {mode:10s} {fmt_r['auto']:>8s} {fmt_r.get('numba', '-'):>8s} "
+                  f"{fmt_r['torch-int']:>10s} {fmt_r.get('naive', '-'):>8s} {fmt_r.get('ml_dtypes', '-'):>10s} "
+                  f"{fmt_r.get('ml_dtypes_roundtrip', '-'):>8s} "
+                  f"{ratios.get(('auto', 'ml_dtypes'), float('nan')):15.2f} "
+                  f"{ratios.get(('auto', 'naive'), float('nan')):11.2f}")
 
 
 def bench_matmul(cfg: BenchConfig, run: Run) -> None:

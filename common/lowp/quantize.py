@@ -16,7 +16,10 @@ off) go to 0 or ``q`` by comparison (RNE: ties to 0, the even one). Overflow fol
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -225,7 +228,14 @@ def _round_fixed_point(x: torch.Tensor, fmt: FloatFormat, mode: str) -> torch.Te
     k*q is representable). Valid only for |x| < min_normal."""
     q = fmt.min_subnormal
     e = -math.frexp(q)[1] + 1  # 1/q = 2^e
-    k = _ROUND_INT[mode]((x * 2.0 ** (e // 2)) * 2.0 ** (e - e // 2))
+    scaled = (x * 2.0 ** (e // 2)) * 2.0 ** (e - e // 2)
+    k = _ROUND_INT[mode](scaled)
+    if e < 0 and mode in ("ru", "rd"):
+        # q > 1 (negative bias): scaling down can flush a tiny nonzero x to 0, yet directed rounding must
+        # still step away from zero to ±q on its side
+        lost = (scaled == 0) & (x != 0)
+        away = (x > 0) if mode == "ru" else (x < 0)
+        k = torch.where(lost & away, torch.sign(x), k)
     return k * q
 
 
@@ -243,6 +253,27 @@ def quantize_torch(x: torch.Tensor, fmt: FloatFormat, mode: str = "rne",
     return y.to(x.dtype)  # exact: fmt fits in x.dtype
 
 
+def numba_enabled() -> bool:
+    """numba is installed and not switched off with ``LLM4ALL_NO_NUMBA=1`` (read on every call)."""
+    return os.environ.get("LLM4ALL_NO_NUMBA", "0") != "1" and _numba_installed()
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def auto_backend(x: torch.Tensor) -> str:
+    """The backend ``quantize(..., backend="auto")`` uses for ``x``: Triton on CUDA; numba on CPU when enabled,
+    except under autograd (the torch path's bf16/fp16 native cast keeps a gradient); else torch. (RNE to
+    fp16 from float32 then still takes torch's native cast, the faster of the two.)"""
+    if x.is_cuda:
+        return "triton"
+    if x.device.type == "cpu" and numba_enabled() and not (x.requires_grad and torch.is_grad_enabled()):
+        return "numba"
+    return "torch"
+
+
 def quantize(x: torch.Tensor, fmt: FloatFormat | str | tuple[int, int], mode: str = "rne",
              generator: torch.Generator | None = None, seed: int | None = None,
              backend: str = "auto") -> torch.Tensor:
@@ -250,9 +281,11 @@ def quantize(x: torch.Tensor, fmt: FloatFormat | str | tuple[int, int], mode: st
 
     ``mode``: "rne" (nearest, ties to even), "rz" (toward zero), "ru" (toward +inf), "rd" (toward -inf),
     "stochastic" (up with probability distance/ulp; randomness from ``generator``, or a fresh generator
-    seeded with ``seed``, else torch's global RNG). ``backend``: "torch", "triton" or "auto" (Triton on
-    CUDA tensors; on CPU the torch integer path, or torch's own bf16/fp16 cast where it is the identical
-    function). The format must be representable in ``x.dtype`` (float64 inputs accept
+    seeded with ``seed``, else torch's global RNG). ``backend``: "torch", "numba" (CPU), "triton" or "auto"
+    (see :func:`auto_backend`: Triton on CUDA tensors, numba on CPU tensors when installed and not disabled
+    by ``LLM4ALL_NO_NUMBA=1``, else the torch integer path; torch's own bf16/fp16 cast where it is the
+    identical function and faster). All backends give bit-identical results, stochastic rounding included (same random
+    bits from the same generator). The format must be representable in ``x.dtype`` (float64 inputs accept
     any format up to fp64; float32 inputs any format with e <= 8, m <= 23 and IEEE-sized range).
     """
     fmt = get_format(fmt)
@@ -260,13 +293,18 @@ def quantize(x: torch.Tensor, fmt: FloatFormat | str | tuple[int, int], mode: st
     if mode == "stochastic" and generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(seed)
     if backend == "auto":
-        if not x.is_cuda:
+        backend = auto_backend(x)
+        # torch's float32 -> fp16 cast (F16C hardware) is the identical function and beats the numba kernel.
+        if backend == "torch" or (backend == "numba" and _native_cast_dtype(fmt, x, mode) == torch.float16):
             return quantize_torch(x, fmt, mode, generator, native_cast=True)
-        backend = "triton"
     if backend == "torch":
         return quantize_torch(x, fmt, mode, generator)
+    if backend == "numba":
+        from common.lowp.cpu_kernels import quantize_numba
+
+        return quantize_numba(x, fmt, mode, generator)
     if backend == "triton":
         from common.lowp.triton_kernels import quantize_triton
 
         return quantize_triton(x, fmt, mode, generator)
-    raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    raise ValueError(f"backend must be 'auto', 'torch', 'numba' or 'triton', got {backend!r}")
