@@ -166,6 +166,19 @@ def norm_bound(c: dict, e_in: torch.Tensor, p: OpPrecision) -> torch.Tensor:
     return g_inf / sigma * e_in + loc
 
 
+def softmax_propagated_bound(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bound on ||J Δ||_1 over the last dim for every Δ with |Δ_i| <= b_i, J = diag(p) - p pᵀ.
+
+    (JΔ)_i = p_i (Δ_i - pᵀΔ) is invariant to a common shift of Δ, so for any reference index k
+    ||JΔ||_1 <= 2 Σ_i p_i |Δ_i - Δ_k| <= 2 [Σ_{i≠k} p_i b_i + (1 - p_k) b_k]. With k = argmax p this is
+    tighter than the plain 2 Σ_i p_i b_i whenever p_k > 1/2: an attention sink's own logit error (often the
+    largest, since its key is large) is weighted by 1 - p_k instead of p_k ≈ 1."""
+    plain = (p * b).sum(-1)
+    pk, k = p.max(-1, keepdim=True)
+    bk = b.gather(-1, k)
+    return 2 * torch.minimum(plain, plain + ((1 - 2 * pk) * bk).squeeze(-1))
+
+
 def attention_bound(c: dict, eq: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, policy: Policy) -> torch.Tensor:
     """Scores -> softmax -> P V, per head, with per-token error bounds of q, k, v (after rotary / GQA)."""
     q, k, v, p, s = c["q"], c["k"], c["v"], c["p"], c["s"]
@@ -187,12 +200,12 @@ def attention_bound(c: dict, eq: torch.Tensor, ek: torch.Tensor, ev: torch.Tenso
     ds = scale * (eq_ * kn[:, :, None, :] + qn[..., None] * ek_) + cg_s * scale * qn[..., None] * kn[:, :, None, :] \
         + 2 * _u(ps.fmt) * s0.abs()
     ds = torch.where(finite, ds, 0.0)
-    # softmax: propagated ||J ds||_1 <= 2 sum_s p_s ds_s; local: |dp_i| <= p_i (u_a |z_i| + 2u_a) plus the
-    # relative error of the sum (n_acc + 1) u_a and the output rounding u_o
+    # softmax: propagated ||J ds||_1 (sink-aware, see softmax_propagated_bound); local: |dp_i| <= p_i (u_a |z_i|
+    # + 2u_a) plus the relative error of the sum (n_acc + 1) u_a and the output rounding u_o
     z = torch.where(finite, s - s.amax(-1, keepdim=True), 0.0) if policy.shifted_softmax else s0
     pz = (p * z.abs()).sum(-1)
     na = _n_acc(pm, S)
-    dp = 2 * (p * ds).sum(-1) + 2 * (ua * pz + 2 * ua) + (na + 1) * ua + uo + ua
+    dp = softmax_propagated_bound(p, ds) + 2 * (ua * pz + 2 * ua) + (na + 1) * ua + uo + ua
     do = dp * vn.amax(-1, keepdim=True) + (p * ev_[:, :, None, :]).sum(-1) + cg_v * (p * vn[:, :, None, :]).sum(-1) \
         + _u(pv.fmt) * c["o"].norm(dim=-1)
     return do.pow(2).sum(1).sqrt().reshape(-1)  # combine heads: (B, T) -> B*T
@@ -291,8 +304,10 @@ class _Typical:
             + (2 * _u(ps.fmt) ** 2 / 3 + _u(ps.acc_fmt) ** 2 / 3) * s0**2
         ds2 = torch.where(finite, ds2, 0.0)
         z = torch.where(finite, s - s.amax(-1, keepdim=True), 0.0) if policy.shifted_softmax else s0
-        # dp_i = p_i (ds_i - sum_j p_j ds_j) + p_i theta_i: independent terms in quadrature
-        dp2 = p**2 * (ds2 + (ua**2 / 3) * (z**2 + 2 + _n_acc(pm, S)) + uo**2 / 3)
+        # dp_i = p_i (ds_i - sum_j p_j ds_j) + p_i theta_i, independent terms in quadrature:
+        # Var(ds_i - sum_j p_j ds_j) = (1 - 2 p_i) var_i + sum_j p_j^2 var_j (a sink's own error cancels)
+        ds2c = (1 - 2 * p) * ds2 + (p**2 * ds2).sum(-1, keepdim=True)
+        dp2 = p**2 * (ds2c + (ua**2 / 3) * (z**2 + 2 + _n_acc(pm, S)) + uo**2 / 3)
         do2 = (dp2 * vn[:, :, None, :] ** 2).sum(-1) + (p**2 * ev_[:, :, None, :] ** 2).sum(-1) \
             + (2 * _u(pv.operand_fmt) ** 2 / 3) * (p**2 @ v.pow(2)).sum(-1) \
             + (_u(pv.acc_fmt) ** 2 / 3 + _u(pv.fmt) ** 2 / 3) * c["o"].pow(2).sum(-1)

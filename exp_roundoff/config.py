@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STAGES = ("depth", "meanmedian", "accum", "hyper", "train", "guidelines")
+STAGES = ("depth", "meanmedian", "accum", "hyper", "sinks", "train", "guidelines")
 
 
 @dataclass
@@ -72,6 +72,27 @@ class HyperConfig:
 
 
 @dataclass
+class SinksConfig:
+    """In-model attention sinks (``models.add_attention_sink``): error vs measured sink mass."""
+
+    archs: list[str] = field(default_factory=lambda: ["gpt2", "llama"])
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 32
+    batch: int = 2
+    n_inits: int = 2
+    # mean attention mass on token 0 to calibrate to (float64); 0.0 = massive activation only, no sink
+    target_masses: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.99, 0.999])
+    # precision recipes (PRECISIONS below) or the diagnostic variants of SINK_VARIANTS below
+    precisions: list[str] = field(default_factory=lambda: ["bf16", "fp16", "bf16_softmax_bf16",
+                                                           "bf16_scores_fp32"])
+    massive: float = 100.0       # massive activation at position 0 (typical residual norm ~0.2)
+    query_bias: float = 1.0      # shared query component along the sink's key coordinate
+    bound: bool = True           # also the first-order bound and the statistical estimate of the logits
+
+
+@dataclass
 class TrainConfig:
     modes: list[str] = field(default_factory=lambda: ["fp32", "bf16_autocast", "fp16_loss_scaling", "fp8_emulated"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -97,6 +118,7 @@ class Config:
     meanmedian: MeanMedianConfig = field(default_factory=MeanMedianConfig)
     accum: AccumConfig = field(default_factory=AccumConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -107,6 +129,14 @@ class Config:
                 self.hyper.precision]:
             if p not in PRECISIONS:
                 raise ValueError(f"unknown precision '{p}'; known: {sorted(PRECISIONS)}")
+        for p in self.sinks.precisions:
+            if p not in PRECISIONS and p not in SINK_VARIANTS:
+                raise ValueError(f"sinks.precisions: unknown '{p}'; known: {sorted(PRECISIONS) + SINK_VARIANTS}")
+        if any(not 0.0 <= m < 1.0 for m in self.sinks.target_masses):
+            raise ValueError(f"sinks.target_masses must lie in [0, 1), got {self.sinks.target_masses}")
+        for a in self.sinks.archs:
+            if a not in ("gpt2", "llama"):
+                raise ValueError(f"sinks.archs: '{a}' not supported (gpt2, llama)")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got '{self.device}'")
         for m in self.train.modes:
@@ -122,3 +152,6 @@ PRECISIONS = {
     "fp8_e4m3": "GEMM operands fp8 e4m3 (saturating), fp32 accumulation, bf16 everything else",
     "fp8_e5m2": "GEMM operands fp8 e5m2 (saturating), fp32 accumulation, bf16 everything else",
 }
+# Diagnostic variants of the sinks stage (exp_roundoff.run.sink_policy): the bf16 recipe with the softmax
+# computed in bf16 (exposes its u_a|z_i| term) or with the attention logits stored in fp32.
+SINK_VARIANTS = ["bf16_softmax_bf16", "bf16_scores_fp32"]

@@ -168,6 +168,32 @@ def softmax_sinks(df: pd.DataFrame):
     return fig
 
 
+@register_figure("attention_sinks", experiment=EXP)
+def attention_sinks(df: pd.DataFrame):
+    """Error vs the measured sink mass of in-model sinks (stage ``sinks``), one line per precision and arch."""
+    t = _latest(df, "attention_sinks")
+    if t.empty:
+        return None
+    style()
+    panels = (("logits_mean", "logits rel. l2 error (mean)"),
+              ("softmax_comp_mean", "softmax componentwise error\n(non-sink probabilities)"),
+              ("attn_value_mean", "attention output (P V) rel. l2 error"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    archs = sorted(_col(t, "arch").unique())
+    for ax, (metric, label) in zip(axes, panels):
+        m = t[t["metric"] == metric]
+        for i, prec in enumerate(sorted(m["method"].unique())):
+            for arch, ls in zip(archs, ("-o", "--s", ":^")):
+                s = m[(m["method"] == prec) & (_col(m, "arch") == arch)].sort_values("p.sink_mass")
+                # 1 - mass on a log axis spreads 0.9 / 0.99 / 0.999; inverted so stronger sinks are to the right
+                ax.plot(1 - s["p.sink_mass"], s["value"], ls, ms=3, color=f"C{i}", label=f"{prec} ({arch})")
+        ax.set(xscale="log", yscale="log", xlabel="1 - mean attention mass on the sink (float64)", ylabel=label)
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=6)
+    fig.suptitle("in-model attention sinks (random init, token 0 = sink)", fontsize=9)
+    return fig
+
+
 @register_figure("mixed_precision_training", experiment=EXP)
 def mixed_precision_training(df: pd.DataFrame):
     t = _latest(df, "mixed_precision_training")

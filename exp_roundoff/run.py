@@ -5,7 +5,7 @@
     python exp_roundoff/run.py --profile paper                      # larger (GPU or a long CPU run)
 
 Stages (each writes rows to results/ via common.results.Run; figures in exp_roundoff/figures.py):
-depth (a), meanmedian (c), accum (d), hyper (b), train (e), guidelines.
+depth (a), meanmedian (c), accum (d), hyper (b), sinks (b: in-model attention sinks), train (e), guidelines.
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ from common.lowp.tracer import OpPrecision, Policy, Tracer, _Emulator
 from common.results import Run
 from exp_roundoff.bounds import block_terms, forward_error_bound, forward_error_estimate, weight_functionals
 from exp_roundoff.config import STAGES, Config
-from exp_roundoff.models import add_massive_outlier, build_model, scale_qk, scale_residual_projections
+from exp_roundoff.models import (
+    add_massive_outlier,
+    build_model,
+    calibrate_sink,
+    measure_sink,
+    scale_qk,
+    scale_residual_projections,
+    sink_model,
+)
 
 EXP = "exp_roundoff"
 
@@ -328,6 +336,93 @@ def stage_sinks(cfg: Config, run: Run, summary: dict) -> None:
                     value=float(rest.max()), params=params)
 
 
+# ------------------------------------------------------------------------------- stage b: model sinks
+def sink_policy(name: str) -> Policy:
+    """config.PRECISIONS recipes plus the sinks stage's diagnostic bf16 variants (config.SINK_VARIANTS)."""
+    if name == "bf16_softmax_bf16":  # softmax internals (shift, exp, sum) in bf16: the u_a|z_i| term
+        return policy_for("bf16").with_ops(softmax=OpPrecision(fmt="bf16", acc_fmt="bf16"))
+    if name == "bf16_scores_fp32":  # logits kept in fp32 (bf16 operands): no rounding of the sink logit
+        return policy_for("bf16").with_ops(scores=OpPrecision(fmt="fp32", in_fmt="bf16", acc_fmt="fp32"))
+    return policy_for(name)
+
+
+def with_bos(batches: list[tuple]) -> list[tuple]:
+    """Token 0 at position 0 (a BOS token: Llama's sink is carried by token 0's embedding)."""
+    out = []
+    for ids, mask in batches:
+        ids = ids.clone()
+        ids[:, 0] = 0
+        out.append((ids, mask))
+    return out
+
+
+def _sink_errors(res, b: dict | None, n_layers: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Per-token errors of one trace at the non-sink positions t >= 1 (position 0 carries the massive
+    activation). Rows of every recorded op are ordered (..., t), so t = row index mod seq_len."""
+
+    def nonsink(v: torch.Tensor) -> torch.Tensor:
+        return v[torch.arange(len(v)) % seq_len != 0]
+
+    def layers(op: str, kind: str, metric: str) -> torch.Tensor:
+        return torch.cat([nonsink(res.token_values[(i, op, kind, metric)]) for i in range(n_layers)])
+
+    out = {"logits": nonsink(res.token_values[(n_layers, "logits", "forward", "rel_l2")]),
+           # componentwise max over a probability row: set by the small (non-sink) probabilities
+           "softmax_comp": layers("softmax", "forward", "rel_comp"),
+           "softmax_l2": layers("softmax", "forward", "rel_l2"),
+           "attn_value": layers("value", "forward", "rel_l2"),
+           "attn_value_local": layers("value", "local", "rel_l2")}
+    if b is not None:
+        out["bound_logits"] = nonsink(b["bound"]["logits_rel"])
+        out["estimate_logits"] = nonsink(b["estimate"]["logits_rel"])
+    return out
+
+
+def _mean_sink_params(per_init: list[tuple[float, dict]]) -> dict[str, float]:
+    """Mean calibrated strength and measured sink statistics (``sink_mass``, ``sink_gap``, ...) over inits."""
+    n = len(per_init)
+    return {"strength": sum(s for s, _ in per_init) / n,
+            **{f"sink_{k}": sum(m[k] for _, m in per_init) / n for k in per_init[0][1]}}
+
+
+def _sink_summary(errs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Means of the pooled per-token errors (+ median / p99 of the logits error)."""
+    vals = {f"{k}_mean": float(torch.cat(chunks).mean()) for k, chunks in errs.items()}
+    st = tstats(torch.cat(errs["logits"]))
+    vals["logits_median"], vals["logits_p99"] = st["median"], st["p99"]
+    return vals
+
+
+def stage_attention_sinks(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+    """Random-init models with an attention sink of calibrated strength (models.add_attention_sink): error
+    of each precision vs the sink mass measured on the float64 reference."""
+    c = cfg.sinks
+    for arch in c.archs:
+        errs: dict = {}     # (target, precision) -> metric -> list of per-token tensors
+        sinks: dict = {}    # target -> list of (strength, sink_stats) per init
+        for init in range(c.n_inits):
+            base = build_model(arch, d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
+                               seq_len=c.seq_len, seed=cfg.seed * 211 + init, attention_bias=True)
+            batches = with_bos(byte_batches(data, c.batch, c.seq_len, 1, cfg.seed + 5 + init))
+            # calibrate on other text than the measurement, so the measured mass is an honest check
+            calib = with_bos(byte_batches(data, 1, c.seq_len, 1, cfg.seed + 500 + init))
+            for target in c.target_masses:
+                strength = 0.0 if target == 0 else calibrate_sink(base, target, calib, c.massive, c.query_bias,
+                                                                  seed=init)
+                model = sink_model(base, strength, c.massive, c.query_bias, seed=init)
+                sinks.setdefault(target, []).append((strength, measure_sink(model, batches)))
+                for prec in c.precisions:
+                    res, b = trace(model, sink_policy(prec), batches, bound=c.bound)
+                    for k, v in _sink_errors(res, b, c.n_layers, c.seq_len).items():
+                        errs.setdefault((target, prec), {}).setdefault(k, []).append(v)
+        for (target, prec), d in errs.items():
+            vals = _sink_summary(d)
+            params = {"arch": arch, "target_mass": target, "n_inits": c.n_inits, "massive": c.massive,
+                      **_mean_sink_params(sinks[target])}
+            log_stats(run, "attention_sinks", prec, vals, params, n=int(torch.cat(d["logits"]).numel()))
+            summary.setdefault("sinks", {})[(arch, target, prec)] = vals["logits_mean"]
+
+
 # ----------------------------------------------------------------------------------------- stage e
 class _FP8Linear(torch.autograd.Function):
     """y = q(x) q(W)^T + b with per-tensor scaled fp8 e4m3 operands; straight-through gradients."""
@@ -481,12 +576,13 @@ def main(argv: list[str] | None = None) -> dict:
                           else "cpu")
     run = Run(EXP, config=cfg, seed=cfg.seed, profile=args.profile_name)
     summary: dict = {}
-    needs_text = any(s in cfg.stages for s in ("depth", "meanmedian", "accum", "hyper"))
+    needs_text = any(s in cfg.stages for s in ("depth", "meanmedian", "accum", "hyper", "sinks"))
     data = text_bytes(cfg.corpus) if needs_text else None
     stages = {"depth": lambda: stage_depth(cfg, run, data, summary),
               "meanmedian": lambda: stage_meanmedian(cfg, run, data, summary),
               "accum": lambda: stage_accum(cfg, run, data, summary),
               "hyper": lambda: stage_hyper(cfg, run, data, summary),
+              "sinks": lambda: stage_attention_sinks(cfg, run, data, summary),
               "train": lambda: stage_train(cfg, run, summary)}
     for name in STAGES:
         if name in cfg.stages and name in stages:

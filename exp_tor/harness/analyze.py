@@ -47,7 +47,8 @@ class HarnessAnalysis:
     stages: dict[str, float]            # seconds per stage (useful = T_opt exactly)
     identity_residual: float            # T_obs - (T_opt + save + lost + repair + startup + slow_deficit)
     n_fail_stop: int
-    n_fail_slow: int
+    n_fail_slow: int                    # fail-slow windows that began before the job ended
+    n_slow_steps: int                   # surviving steps run inside a window (0: rho not observable)
     delta: float                        # mean blocking checkpoint time (s)
     tau: float                          # healthy compute between checkpoints (s)
     repair: float                       # mean repair time per fail-stop (s)
@@ -181,11 +182,13 @@ def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnal
         identity_residual=T_obs - (T_opt + stages["save"] + stages["lost"] + stages["repair"]
                                    + stages["startup"] + stages["slow_deficit"]),
         n_fail_stop=len(faults), n_fail_slow=len(slow_hit),
+        n_slow_steps=sum(1 for _, _, e, _ in useful if e.get("slow")),
         delta=statistics.fmean(saves) if saves else 0.0,
         tau=_checkpoint_every(run_dir) * t_opt,
         repair=repair_cost / len(faults) if faults else 0.0,
         mtbf_uptime=uptime / len(faults) if faults else float("inf"),
         mtbf_wall=T_obs / len(faults) if faults else float("inf"),
+        # a window can fall entirely in a repair or on rolled-back steps: nothing slow observed, rho = 1
         rho=t_opt / statistics.fmean([t1 - t0 for t0, t1, e, _ in useful if e.get("slow")])
         if any(e.get("slow") for _, _, e, _ in useful) else 1.0,
         slow_duration=slow_time / len(slow_hit) if slow_hit else 0.0,

@@ -10,6 +10,7 @@ from exp_roundoff.bounds import (
     forward_error_estimate,
     gemm_bound,
     norm_bound,
+    softmax_propagated_bound,
     weight_functionals,
 )
 from exp_roundoff.models import build_model, scale_qk
@@ -61,6 +62,32 @@ def test_local_op_bounds_hold_and_are_tight(arch):
     nloc = _safe_div(nloc, yn.norm(dim=-1))
     measured = res.token_values[(0, "norm", "local", "rel_l2")][: yn.shape[0]]
     assert torch.all(measured <= nloc)
+
+
+def test_softmax_propagated_bound_holds_and_is_sink_aware():
+    """||J Δ||_1 <= bound for every sign pattern of |Δ| = b (the worst cases of this convex function lie on the
+    box's vertices); never looser than 2 Σ p b; with a sink (p_k = 0.999, largest error on the sink logit, as
+    when its key is large) tighter by ~ p_k / (1 - p_k)."""
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    signs = torch.tensor([[(v >> i) & 1 for i in range(n)] for v in range(2**n)], dtype=torch.float64) * 2 - 1
+    for sink in (None, 0.5, 0.9, 0.999):
+        logits = torch.randn(50, n, generator=g, dtype=torch.float64)
+        if sink is not None:  # token 0 takes mass `sink`
+            rest = torch.logsumexp(logits[:, 1:], -1)
+            logits[:, 0] = rest + torch.log(torch.tensor(sink / (1 - sink), dtype=torch.float64))
+        p = logits.softmax(-1)
+        b = torch.rand(50, n, generator=g, dtype=torch.float64)
+        b[:, 0] *= 100.0  # the sink's logit carries the largest error bound
+        delta = signs[None] * b[:, None]                              # (rows, vertices, n)
+        jd = p[:, None] * (delta - (p[:, None] * delta).sum(-1, keepdim=True))
+        worst = jd.abs().sum(-1).amax(-1)
+        bound = softmax_propagated_bound(p, b)
+        assert torch.all(worst <= bound * (1 + 1e-12))
+        assert torch.all(bound <= 2 * (p * b).sum(-1) * (1 + 1e-12))
+        if sink == 0.999:
+            assert torch.all(bound < 2 * (p * b).sum(-1) / 20)
+            assert torch.all(bound < 3 * worst)  # not vacuous
 
 
 def test_bound_is_linear_in_u():

@@ -19,6 +19,8 @@ TINY = [
     "hyper.qk_scales=[1.0,4.0]", "hyper.norm_eps=[1e-5]", "hyper.outliers=[0.0,100.0]",
     "hyper.resid_scales=[1.0,4.0]", "hyper.n_layers=1", "hyper.d_model=16", "hyper.seq_len=8",
     "hyper.n_inits=1", "hyper.sink_logits=[0.0,20.0]", "hyper.sink_rows=8",
+    "sinks.archs=[gpt2]", "sinks.d_model=16", "sinks.n_heads=2", "sinks.n_layers=1", "sinks.seq_len=8",
+    "sinks.batch=1", "sinks.n_inits=1", "sinks.target_masses=[0.0,0.9]", "sinks.precisions=[bf16]",
     "train.steps=3", "train.seeds=[0]", "train.d_model=16", "train.batch=2", "train.seq_len=16",
     "train.eval_batches=1",
 ]
@@ -29,11 +31,11 @@ def test_all_stages_and_figures(tmp_path, monkeypatch):
     from exp_roundoff.run import main
 
     summary = main(["--profile", "quick", *TINY])
-    assert {"depth", "meanmedian", "accum", "promote", "hyper", "train"} <= set(summary)
+    assert {"depth", "meanmedian", "accum", "promote", "hyper", "sinks", "train"} <= set(summary)
     df = load_results()
     tables = set(df["table"])
     assert {"depth", "mean_vs_median", "accumulation", "high_precision_ops", "hyper", "softmax_sinks",
-            "mixed_precision_training", "guidelines"} <= tables
+            "attention_sinks", "mixed_precision_training", "guidelines"} <= tables
     assert df["value"].notna().all()
     # the bound is reported next to each measurement and exceeds it (first-order worst case)
     depth = df[df["table"] == "depth"]
@@ -46,11 +48,53 @@ def test_all_stages_and_figures(tmp_path, monkeypatch):
 
     exp_df = df[df["experiment"] == "exp_roundoff"]
     figs = {k: spec for k, spec in FIGURES.items() if spec.experiment == "exp_roundoff"}
-    assert len(figs) >= 8
+    assert len(figs) >= 9
     for key, spec in figs.items():
         if spec.name == "error_vs_layer_smollm2":
             continue  # needs the real model (depth.real_model); covered below
         assert isinstance(spec.func(exp_df), matplotlib.figure.Figure), key
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sink_mass_grows_with_strength(arch):
+    """The in-model sink (weights/embeddings only): float64 sink mass and logit gap increase with the
+    strength, from the no-sink level (~ mean 1/(t+1)) to almost all the mass; calibration hits a target."""
+    import torch
+
+    from exp_roundoff.models import build_model, calibrate_sink, measure_sink, sink_model
+
+    base = build_model(arch, vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=16, seed=0,
+                       attention_bias=True)
+    ids = torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    batches = [(ids, None)]
+    stats = [measure_sink(sink_model(base, s), batches) for s in (0.0, 1.0, 2.0, 4.0, 8.0)]
+    masses = [st["mass"] for st in stats]
+    assert all(b > a for a, b in zip(masses, masses[1:])), masses
+    assert all(b["gap"] > a["gap"] for a, b in zip(stats, stats[1:]))
+    assert masses[0] < 0.3 and masses[-1] > 0.99
+    strength = calibrate_sink(base, 0.9, batches, steps=10)
+    assert abs(measure_sink(sink_model(base, strength), batches)["mass"] - 0.9) < 0.01
+    assert measure_sink(base, batches)["mass"] == pytest.approx(masses[0], abs=0.05)  # control ~ untouched model
+
+
+def test_sinks_stage_writes_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path))
+    from exp_roundoff.run import main
+
+    summary = main(["--profile", "quick", "--stage", "sinks", "sinks.archs=[gpt2,llama]", "sinks.d_model=16",
+                    "sinks.n_heads=2", "sinks.n_layers=1", "sinks.seq_len=8", "sinks.batch=1", "sinks.n_inits=1",
+                    "sinks.target_masses=[0.0,0.99]", "sinks.precisions=[bf16,bf16_softmax_bf16]"])
+    assert len(summary["sinks"]) == 2 * 2 * 2
+    df = load_results()
+    t = df[df["table"] == "attention_sinks"]
+    assert t["value"].notna().all()
+    for arch in ("gpt2", "llama"):
+        a = t[(t["p.arch"] == arch) & (t["metric"] == "softmax_comp_mean") & (t["method"] == "bf16")]
+        off, on = a.sort_values("p.target_mass")["p.sink_mass"].tolist()
+        assert off < 0.5 and on > 0.97  # the measured mass, not the target, is recorded
+    assert {"logits_mean", "logits_median", "softmax_comp_mean", "attn_value_mean", "bound_logits_mean",
+            "estimate_logits_mean"} <= set(t["metric"])
 
 
 def test_same_seed_same_numbers(tmp_path, monkeypatch):
