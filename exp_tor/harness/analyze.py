@@ -95,6 +95,15 @@ def _resume_steps(events: list[dict]) -> dict[int, int]:
     return {e["attempt"]: e["step"] for e in events if e["event"] == "train_begin"}
 
 
+def _rho(useful: list, t_opt: float) -> float:
+    """Step-rate ratio while slow: t_opt over the mean slow step. The first step of an attempt also carries
+    start-up work, so it is left out unless it is the only slow step; a window can fall wholly in a repair
+    or on rolled-back steps, and then nothing slow was observed (rho = 1)."""
+    slow = [(t1 - t0, first) for t0, t1, e, first in useful if e.get("slow")]
+    steady = [d for d, first in slow if not first] or [d for d, _ in slow]
+    return t_opt / statistics.fmean(steady) if steady else 1.0
+
+
 def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnalysis:
     events = load_events(run_dir)
     if not events or events[0]["event"] != "job_start" or events[-1]["event"] != "job_end":
@@ -188,9 +197,7 @@ def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnal
         repair=repair_cost / len(faults) if faults else 0.0,
         mtbf_uptime=uptime / len(faults) if faults else float("inf"),
         mtbf_wall=T_obs / len(faults) if faults else float("inf"),
-        # a window can fall entirely in a repair or on rolled-back steps: nothing slow observed, rho = 1
-        rho=t_opt / statistics.fmean([t1 - t0 for t0, t1, e, _ in useful if e.get("slow")])
-        if any(e.get("slow") for _, _, e, _ in useful) else 1.0,
+        rho=_rho(useful, t_opt),
         slow_duration=slow_time / len(slow_hit) if slow_hit else 0.0,
         startup=stages["startup"], final_loss=float(end["loss"]), weights_sha256=end["weights_sha256"],
         r_segments=[(t0 - job_start, t1 - job_start, r) for t0, t1, r in segments],

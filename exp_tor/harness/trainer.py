@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -77,7 +78,7 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
     if job_start is None:
         job_start = float(os.environ.get("TOR_JOB_START", time.time()))
     extra_save_delay = float(cfg.get("extra_checkpoint_delay_s", 0.0))
-    state = {"last": None}
+    state = {"last": None, "recent": [], "first": True}
 
     def on_event(event: str, info: dict) -> None:
         if event in ("train_begin", "resume"):
@@ -88,7 +89,12 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
             t_rel = now - job_start
             slow = next((w for w in schedule if w["start"] <= t_rel < w["start"] + w["duration"]), None)
             if slow is not None:  # fail-slow: this step runs at rho of the healthy rate
-                time.sleep(compute * (1.0 / slow["rho"] - 1.0))
+                # healthy step time = median of recent steps (the first step after a (re)start is not typical)
+                typical = statistics.median(state["recent"]) if state["recent"] else compute
+                time.sleep(typical * (1.0 / slow["rho"] - 1.0))
+            elif not state["first"]:
+                state["recent"] = (state["recent"] + [compute])[-20:]
+            state["first"] = False
             log("step_end", step=info["step"], loss=info["loss"], slow=slow is not None)
             state["last"] = time.time()
         elif event == "checkpoint_begin":
