@@ -33,14 +33,18 @@ def _log_analysis(run: Run, table: str, a: HarnessAnalysis, params: dict) -> Non
         run.log(table=table, method="estimate", metric=name, value=getattr(a, name), params=params)
 
 
-def predicted_tor(a: HarnessAnalysis, slow_mtbf_s: float) -> float:
-    """Closed-form TOR of the job from its own estimated parameters (exact Poisson fail-stop form,
-    uptime MTBF, repair not interruptible; fail-slow tolerated), plus the one-off start-up."""
+def job_tor(T_opt: float, startup: float, **estimates) -> float:
+    """Closed-form TOR of a whole job: the repeating-unit TOR (``tor.tor_from_estimates``: exact Poisson
+    fail-stop, uptime MTBF, repair not interruptible; fail-slow tolerated) plus the one-off start-up."""
     from exp_tor import tor
 
-    unit = tor.tor_from_estimates(tau=a.tau, delta=a.delta, repair=a.repair, mtbf=a.mtbf_uptime,
-                                  slow_mtbf=slow_mtbf_s, rho=a.rho, slow_duration=a.slow_duration)
-    return a.T_opt / (a.T_opt / unit + a.startup)
+    return T_opt / (T_opt / tor.tor_from_estimates(**estimates) + startup)
+
+
+def predicted_tor(a: HarnessAnalysis, slow_mtbf_s: float) -> float:
+    """The job's closed-form TOR from its own estimated parameters."""
+    return job_tor(a.T_opt, a.startup, tau=a.tau, delta=a.delta, repair=a.repair, mtbf=a.mtbf_uptime,
+                   slow_mtbf=slow_mtbf_s, rho=a.rho, slow_duration=a.slow_duration)
 
 
 def replayed_tor(a: HarnessAnalysis, info: dict) -> float:
@@ -119,8 +123,8 @@ def _log_sweep_optimum(run: Run, cfg: HarnessStageConfig, sweep: list[HarnessAna
          "t_step": t_step, "restart": cfg.sweep_restart}
     predicted = {}
     for every in intervals:
-        unit = tor.tor_from_estimates(tau=every * t_step, delta=delta, repair=repair, mtbf=cfg.sweep_mtbf_s)
-        predicted[every] = T_opt / (T_opt / unit + startup)
+        predicted[every] = job_tor(T_opt, startup, tau=every * t_step, delta=delta, repair=repair,
+                                   mtbf=cfg.sweep_mtbf_s)
         run.log(table="harness_interval_sweep", method="predicted_pooled", metric="tor", value=predicted[every],
                 params={"checkpoint_every": every, "mtbf_s": cfg.sweep_mtbf_s, "restart": cfg.sweep_restart})
     observed = np.array([[sweep[k * len(intervals) + i].tor for i in range(len(intervals))] for k in range(n_seeds)])

@@ -82,6 +82,14 @@ def test_harness_stage_via_run():
     observed = sweep[(sweep["method"] == "observed") & (sweep["metric"] == "tor")]
     assert len(observed) == 4 and set(observed["p.restart"]) == {"warm"}
     assert len(sweep[sweep["method"] == "predicted_pooled"]) == 2
+    # the optimum rows are what the sweep rows say: empirical peak = argmax of the seed-mean observed TOR,
+    # shortfall = its mean TOR minus that of the grid point nearest the prediction (paired over seeds)
+    mean_tor = observed.groupby("p.checkpoint_every")["value"].mean()
+    assert opt[opt["method"] == "empirical_peak"]["value"].iloc[0] == mean_tor.idxmax()
+    nearest = int(gap["p.nearest_steps"].iloc[0])
+    assert gap["value"].iloc[0] == pytest.approx(mean_tor.max() - mean_tor[nearest])
+    pooled = sweep[sweep["method"] == "predicted_pooled"].set_index("p.checkpoint_every")["value"]
+    assert opt[opt["method"] == "predicted_grid_best"]["value"].iloc[0] == pooled.idxmax()
     import exp_tor.figures  # noqa: F401
     from common.plotting import FIGURES
     for key in ("exp_tor/harness_rt", "exp_tor/harness_interval_sweep"):
