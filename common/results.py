@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common.paths import REPO_ROOT
+from common.paths import results_dir as _results_root
 
 CSV_COLUMNS = [
     "experiment", "table", "method", "metric", "value", "stderr", "n", "params", "seed",
@@ -48,7 +49,7 @@ class CorruptRecordError(ValueError):
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("LLM4ALL_RESULTS", REPO_ROOT / "results")).resolve()
+    return _results_root()
 
 
 def is_main_process() -> bool:

@@ -569,7 +569,6 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as exc:
             print(f"config error: --stage: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(cfg.threads)
     global DEVICE
     DEVICE = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())

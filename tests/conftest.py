@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Tests never write into the real results/ (LLM4ALL_RESULTS -> tmp)."""
+"""Shared pytest fixtures. Tests never write into the real results/ or outputs/ (LLM4ALL_RESULTS/OUTPUTS -> tmp)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ PYTHON = sys.executable
 @pytest.fixture(autouse=True)
 def _isolated_results(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path_factory.mktemp("results")))
+    monkeypatch.setenv("LLM4ALL_OUTPUTS", str(tmp_path_factory.mktemp("outputs")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     # `--data-dir` exports LLM4ALL_DATA for the run's subprocesses; a test that passes a fake data dir
