@@ -118,6 +118,23 @@ def build_config(
     return obj  # type: ignore[return-value]
 
 
+def redundant_profile_keys(cls: type, profile: str | Path) -> list[str]:
+    """Dotted keys of a profile YAML whose value equals the dataclass default: a profile holds only the
+    differences (one layer of defaults), so these should be deleted from it."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(cls), resolve=True)
+    found: list[str] = []
+
+    def walk(node: Any, default: Any, prefix: str) -> None:
+        if isinstance(node, dict) and isinstance(default, dict):
+            for k, v in node.items():
+                walk(v, default.get(k, object()), f"{prefix}{k}.")
+        elif node == default:
+            found.append(prefix.rstrip("."))
+
+    walk(_load_yaml(Path(profile)), defaults, "")
+    return found
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain JSON-able dict of a config dataclass (for result records and checkpoints)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

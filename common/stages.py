@@ -440,8 +440,7 @@ def run_experiment(experiment: str, config_cls: type, stages: Sequence[Stage], a
         run = Run(experiment, config=cfg, seed=getattr(cfg, "seed", None), profile=args.profile_name)
         t0 = time.perf_counter()
         report = pipeline.run(cfg, run, list(cfg.stages), force=args.force)
-        if hasattr(run, "update_manifest"):
-            run.update_manifest(stages=report)
+        run.update_manifest(stages=report)  # per-stage status and wall time, next to the run's provenance
         run.finish()
         print(f"[{experiment}] {len(report)} stage(s) in {time.perf_counter() - t0:.1f} s: "
               + ", ".join(f"{k} {v['status']}" for k, v in report.items()), flush=True)

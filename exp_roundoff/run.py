@@ -4,25 +4,25 @@
     python exp_roundoff/run.py --profile quick --stage depth,accum  # a subset
     python exp_roundoff/run.py --profile paper                      # larger (GPU or a long CPU run)
 
-Stages (each writes rows to results/ via common.results.Run; figures in exp_roundoff/figures.py):
-depth (a), meanmedian (c), accum (d), hyper (b), sinks (b: in-model attention sinks), train (e), guidelines.
+Stages (common.stages: each writes its rows and a summary.json into outputs/exp_roundoff/<stage>/<hash>/,
+and is skipped when that folder is complete; figures in exp_roundoff/figures.py):
+depth (a), meanmedian (c), accum (d), hyper (b), sinks (b: in-model attention sinks), train (e), guidelines
+(reads the summaries of meanmedian, accum and hyper from disk).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common.config import default_data_dir, make_parser, parse_config
+from common.config import default_data_dir
+from common.data import DatasetNotAvailableError
 from common.lowp import quantize
 from common.lowp.tracer import OpPrecision, Policy, Tracer, _Emulator
-from common.results import Run
+from common.stages import Stage, StageContext, run_experiment
 from exp_roundoff.bounds import block_terms, forward_error_bound, forward_error_estimate, weight_functionals
 from exp_roundoff.config import STAGES, Config
 from exp_roundoff.models import (
@@ -55,10 +55,11 @@ def policy_for(name: str) -> Policy:
 def text_bytes(corpus: str) -> torch.Tensor:
     root = default_data_dir()
     if root is None:
-        raise FileNotFoundError("no data directory: set LLM4ALL_DATA or pass --data-dir (needs text/<corpus>)")
+        raise DatasetNotAvailableError("no offline data root: set LLM4ALL_DATA or pass --data-dir (needs "
+                                       f"text/{corpus})")
     path = Path(root) / "text" / corpus
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path} (config key corpus)")
+        raise DatasetNotAvailableError(f"corpus file not found: {path} (config key corpus)")
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
 
 
@@ -99,14 +100,14 @@ def trace(model, policy: Policy, batches: list, bound: bool = False):
     return res, {"bound": forward_error_bound(res, policy), "estimate": forward_error_estimate(res, policy)}
 
 
-def log_stats(run: Run, table: str, method: str, values: dict[str, float], params: dict, n: int | None = None,
+def log_stats(run: StageContext, table: str, method: str, values: dict[str, float], params: dict, n: int | None = None,
               prefix: str = "") -> None:
     for k, v in values.items():
         run.log(table=table, method=method, metric=f"{prefix}{k}", value=v, n=n, params=params)
 
 
 # ----------------------------------------------------------------------------------------- stage a
-def stage_depth(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+def stage_depth(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     c = cfg.depth
     batches = byte_batches(data, c.batch, c.seq_len, 1, cfg.seed)
     for arch in c.archs:
@@ -138,7 +139,7 @@ def _u_of(prec: str) -> float:
     return {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11, "fp8_e4m3": 2.0**-4, "fp8_e5m2": 2.0**-3}[prec]
 
 
-def stage_depth_real(cfg: Config, run: Run, summary: dict) -> None:
+def stage_depth_real(cfg: Config, run: StageContext, summary: dict) -> None:
     from common.models import load_causal_lm
 
     c = cfg.depth
@@ -176,7 +177,7 @@ def stage_depth_real(cfg: Config, run: Run, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- stage c
-def stage_meanmedian(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+def stage_meanmedian(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     """Many random initialisations of a narrow single-head model: the distribution of per-token errors over
     tokens and initialisations (normwise l2 and componentwise), at several init gains (std = gain / sqrt(d))."""
     c = cfg.meanmedian
@@ -219,7 +220,7 @@ GROUPS = {
 }
 
 
-def stage_accum(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+def stage_accum(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     c = cfg.accum
     batches = byte_batches(data, c.batch, c.seq_len, 1, cfg.seed + 2)
     models = [build_model("gpt2", d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, seq_len=c.seq_len,
@@ -260,7 +261,7 @@ def stage_accum(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> Non
 
 
 # ----------------------------------------------------------------------------------------- stage b
-def stage_hyper(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+def stage_hyper(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     h = cfg.hyper
     pol = policy_for(h.precision)
 
@@ -312,7 +313,7 @@ def stage_hyper(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> Non
     stage_sinks(cfg, run, summary)
 
 
-def stage_sinks(cfg: Config, run: Run, summary: dict) -> None:
+def stage_sinks(cfg: Config, run: StageContext, summary: dict) -> None:
     """Softmax alone: rows with one sink logit beta above N(0,1) logits; bf16 shifted vs unshifted evaluation."""
     h = cfg.hyper
     g = torch.Generator().manual_seed(cfg.seed + 4)
@@ -393,7 +394,7 @@ def _sink_summary(errs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return vals
 
 
-def stage_attention_sinks(cfg: Config, run: Run, data: torch.Tensor, summary: dict) -> None:
+def stage_attention_sinks(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     """Random-init models with an attention sink of calibrated strength (models.add_attention_sink): error
     of each precision vs the sink mass measured on the float64 reference."""
     c = cfg.sinks
@@ -494,7 +495,7 @@ def _train_one(cfg: Config, mode: str, seed: int, data: torch.Tensor) -> float:
     return sum(val) / len(val)
 
 
-def stage_train(cfg: Config, run: Run, summary: dict) -> None:
+def stage_train(cfg: Config, run: StageContext, summary: dict) -> None:
     t = cfg.train
     data = text_bytes(t.corpus)
     for mode in t.modes:
@@ -514,7 +515,7 @@ def stage_train(cfg: Config, run: Run, summary: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------- guidelines
-def stage_guidelines(run: Run, summary: dict) -> list[tuple[str, str, float]]:
+def stage_guidelines(run: StageContext, summary: dict) -> list[tuple[str, str, float]]:
     """Guidelines with the measured ratio that supports each (only those whose stages ran)."""
     rows: list[tuple[str, str, float]] = []
     pr = summary.get("promote", {})
@@ -557,43 +558,73 @@ def stage_guidelines(run: Run, summary: dict) -> list[tuple[str, str, float]]:
     return rows
 
 
-# -------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
-    parser: argparse.ArgumentParser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--stage", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
-    cfg, args = parse_config(Config, config_dir=Path(__file__).parent / "configs", argv=argv, parser=parser)
-    if args.stage:
-        cfg.stages = [s.strip() for s in args.stage.split(",") if s.strip()]
-        try:
-            cfg.validate()
-        except ValueError as exc:
-            print(f"config error: --stage: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-    torch.set_num_threads(cfg.threads)
+# ------------------------------------------------------------------------------------ stages on disk
+def _save_summary(ctx: StageContext, part: dict) -> None:
+    """A stage's summary (tuple keys -> value) as summary.json: [[key..., value], ...] per section."""
+    ctx.save_json("summary.json", {sec: [[*(k if isinstance(k, tuple) else (k,)), v] for k, v in d.items()]
+                                   for sec, d in part.items()})
+
+
+def load_summary(folder: Path) -> dict:
+    """Inverse of ``_save_summary``: section -> {tuple key (or str) -> value}."""
+    import json
+
+    raw = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    return {sec: {(tuple(r[:-1]) if len(r) > 2 else r[0]): r[-1] for r in rows} for sec, rows in raw.items()}
+
+
+def _forward_stage(fn):
+    """A forward-error stage: reads the corpus bytes, logs rows through the context, saves its summary."""
+    def stage(ctx: StageContext) -> None:
+        summary: dict = {}
+        fn(ctx.cfg, ctx, text_bytes(ctx.cfg.corpus), summary)
+        _save_summary(ctx, summary)
+    return stage
+
+
+def _train_stage(ctx: StageContext) -> None:
+    summary: dict = {}
+    stage_train(ctx.cfg, ctx, summary)
+    _save_summary(ctx, summary)
+
+
+def _guidelines_stage(ctx: StageContext) -> None:
+    summary: dict = {}
+    for name in ("meanmedian", "accum", "hyper"):
+        if ctx.has_input(name):
+            summary.update(load_summary(ctx.input(name)))
+    rows = stage_guidelines(ctx, summary)
+    for name, evidence, value in rows:
+        print(f"[{EXP}] guideline {name:32s} {evidence:50s} {value:10.3g}")
+    if not rows:
+        print(f"[{EXP}] guidelines: no input stage (meanmedian, accum, hyper) is complete for this config")
+    ctx.save_json("guidelines.json", [{"name": n, "evidence": e, "value": v} for n, e, v in rows])
+
+
+FORWARD_KEYS = ("seed", "corpus", "device")   # what every forward-error stage's numbers depend on
+STAGE_LIST = [
+    Stage("depth", _forward_stage(stage_depth), config_keys=(*FORWARD_KEYS, "depth")),
+    Stage("meanmedian", _forward_stage(stage_meanmedian), config_keys=(*FORWARD_KEYS, "meanmedian")),
+    Stage("accum", _forward_stage(stage_accum), config_keys=(*FORWARD_KEYS, "accum")),
+    Stage("hyper", _forward_stage(stage_hyper), config_keys=(*FORWARD_KEYS, "hyper")),
+    Stage("sinks", _forward_stage(stage_attention_sinks), config_keys=(*FORWARD_KEYS, "sinks")),
+    Stage("train", _train_stage, config_keys=("train",)),
+    # reads whichever of its inputs are complete for this config; cheap, so it always reruns
+    Stage("guidelines", _guidelines_stage, optional_inputs=("meanmedian", "accum", "hyper"), cache=False),
+]
+assert tuple(s.name for s in STAGE_LIST) == STAGES
+
+
+def setup(cfg: Config) -> None:
     global DEVICE
+    torch.set_num_threads(cfg.threads)
     DEVICE = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    run = Run(EXP, config=cfg, seed=cfg.seed, profile=args.profile_name)
-    summary: dict = {}
-    needs_text = any(s in cfg.stages for s in ("depth", "meanmedian", "accum", "hyper", "sinks"))
-    data = text_bytes(cfg.corpus) if needs_text else None
-    stages = {"depth": lambda: stage_depth(cfg, run, data, summary),
-              "meanmedian": lambda: stage_meanmedian(cfg, run, data, summary),
-              "accum": lambda: stage_accum(cfg, run, data, summary),
-              "hyper": lambda: stage_hyper(cfg, run, data, summary),
-              "sinks": lambda: stage_attention_sinks(cfg, run, data, summary),
-              "train": lambda: stage_train(cfg, run, summary)}
-    for name in STAGES:
-        if name in cfg.stages and name in stages:
-            start = time.time()
-            stages[name]()
-            print(f"[{EXP}] stage {name}: {time.time() - start:.1f} s", flush=True)
-    if "guidelines" in cfg.stages:
-        for name, evidence, value in stage_guidelines(run, summary):
-            print(f"[{EXP}] guideline {name:32s} {evidence:50s} {value:10.3g}")
-    run.finish()
-    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_experiment(EXP, Config, STAGE_LIST, argv=argv, doc=__doc__, setup=setup)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,6 +4,8 @@
 
 An experiment takes part when it has ``run.py`` and ``configs/<profile>.yaml``. Each run writes its
 rows to the shared results table itself; this script only orders the runs and stops at the first failure.
+Stages whose outputs are already complete for the same config are skipped (``common.stages``); pass
+``--force`` to recompute everything.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common.paths import REPO_ROOT as REPO
 
 
 def experiments(profile: str) -> list[Path]:
@@ -27,15 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="quick")
     p.add_argument("--only", default=None)
     p.add_argument("--launcher", default=sys.executable, help='e.g. "accelerate launch" for multi-GPU profiles')
+    p.add_argument("--force", action="store_true", help="rerun every stage even where its outputs are complete")
     args = p.parse_args(argv)
     exps = [e for e in experiments(args.profile) if args.only in (None, e.name)]
     if not exps:
         print(f"no experiment is registered yet for profile '{args.profile}' "
               "(an experiment registers by having exp_<name>/run.py and configs/<profile>.yaml)")
         return 0
-    for exp in exps:
-        cmd = [*shlex.split(args.launcher), str(exp / "run.py"), "--profile", args.profile]
-        print(f"==> {exp.name}: {' '.join(cmd)}", flush=True)
+    for k, exp in enumerate(exps, 1):
+        cmd = [*shlex.split(args.launcher), str(exp.relative_to(REPO) / "run.py"), "--profile", args.profile,
+               *(["--force"] if args.force else [])]
+        print(f"==> experiment {k}/{len(exps)} {exp.name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.run(cmd, cwd=REPO).returncode
         print(f"<== {exp.name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)

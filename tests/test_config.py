@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common.config import ConfigError, build_config, to_dict
+from common.config import ConfigError, build_config, redundant_profile_keys, to_dict
+from common.paths import REPO_ROOT
 from tests.conftest import PYTHON, subprocess_env
 
 
@@ -82,3 +83,37 @@ def test_cli_exits_2_and_writes_nothing(tmp_path):
         assert bad.returncode == 2, bad.stderr
         assert needle in bad.stderr and "config error" in bad.stderr
         assert not (tmp_path / "written.txt").exists()
+
+
+def _experiment_profiles():
+    import importlib
+
+    for cfg_dir in sorted(REPO_ROOT.glob("exp_*/configs")):
+        module = importlib.import_module(f"{cfg_dir.parent.name}.config")
+        for path in sorted(cfg_dir.glob("*.yaml")):
+            yield pytest.param(module.Config, path, id=f"{cfg_dir.parent.name}/{path.name}")
+
+
+@pytest.mark.parametrize("cls,path", list(_experiment_profiles()))
+def test_profiles_hold_only_differences_from_the_defaults(cls, path):
+    """One layer of defaults: the dataclass holds every default, a profile YAML only what it changes."""
+    assert redundant_profile_keys(cls, path) == [], f"{path}: keys equal to the dataclass default"
+    build_config(cls, path)  # and it still resolves
+
+
+@dataclass
+class _RepeatInner:
+    a: int = 1
+    b: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class _RepeatOuter:
+    seed: int = 0
+    inner: _RepeatInner = field(default_factory=_RepeatInner)
+
+
+def test_redundant_profile_keys_finds_nested_repeats(tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text("seed: 0\ninner:\n  a: 2\n  b: [1, 2]\n")
+    assert redundant_profile_keys(_RepeatOuter, y) == ["seed", "inner.b"]

@@ -5,8 +5,21 @@ import importlib.util
 import matplotlib.figure
 import pytest
 
+from common.paths import outputs_dir
 from common.plotting import FIGURES
 from common.results import load_results
+
+
+def summaries() -> dict:
+    """Every completed stage's summary.json under the test's outputs root, merged by section."""
+    from exp_roundoff.run import load_summary
+
+    out: dict = {}
+    for folder in sorted((outputs_dir() / "exp_roundoff").glob("*/*/")):
+        if (folder / "summary.json").is_file():
+            for sec, d in load_summary(folder).items():
+                out.setdefault(sec, {}).update(d)
+    return out
 
 TINY = [
     "depth.archs=[gpt2,llama]", "depth.depths=[1,2]", "depth.n_inits=1", "depth.precisions=[bf16,fp8_e4m3]",
@@ -30,7 +43,8 @@ def test_all_stages_and_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path))
     from exp_roundoff.run import main
 
-    summary = main(["--profile", "quick", *TINY])
+    assert main(["--profile", "quick", *TINY]) == 0
+    summary = summaries()
     assert {"depth", "meanmedian", "accum", "promote", "hyper", "sinks", "train"} <= set(summary)
     df = load_results()
     tables = set(df["table"])
@@ -82,10 +96,11 @@ def test_sinks_stage_writes_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path))
     from exp_roundoff.run import main
 
-    summary = main(["--profile", "quick", "--stage", "sinks", "sinks.archs=[gpt2,llama]", "sinks.d_model=16",
+    rc = main(["--profile", "quick", "--stage", "sinks", "sinks.archs=[gpt2,llama]", "sinks.d_model=16",
                     "sinks.n_heads=2", "sinks.n_layers=1", "sinks.seq_len=8", "sinks.batch=1", "sinks.n_inits=1",
                     "sinks.target_masses=[0.0,0.99]", "sinks.precisions=[bf16,bf16_softmax_bf16]"])
-    assert len(summary["sinks"]) == 2 * 2 * 2
+    assert rc == 0
+    assert len(summaries()["sinks"]) == 2 * 2 * 2
     df = load_results()
     t = df[df["table"] == "attention_sinks"]
     assert t["value"].notna().all()
@@ -102,11 +117,13 @@ def test_same_seed_same_numbers(tmp_path, monkeypatch):
 
     args = ["--profile", "quick", "--stage", "accum", "accum.d_model=16", "accum.n_inits=1", "accum.seq_len=8",
             "accum.block_sizes=[1]", "accum.accumulators=[bf16]", "accum.promote_groups=[none]"]
-    monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path / "a"))
-    a = main(args)
-    monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path / "b"))
-    b = main(args)
-    assert a == b
+    got = []
+    for name in ("a", "b"):  # separate outputs roots: the second run must recompute, not skip
+        monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path / name))
+        monkeypatch.setenv("LLM4ALL_OUTPUTS", str(tmp_path / f"out_{name}"))
+        assert main(args) == 0
+        got.append((summaries(), load_results().query("table != 'stage_time'")["value"].tolist()))
+    assert got[0] == got[1] and got[0][0]["accum"]
 
 
 def test_bad_config_exits_2(tmp_path, monkeypatch, capsys):
@@ -117,9 +134,30 @@ def test_bad_config_exits_2(tmp_path, monkeypatch, capsys):
         main(["--profile", "quick", "depth.precisions=[bf17]"])
     assert exc.value.code == 2
     assert "bf17" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--profile", "quick", "--stage", "depthh"])
-    assert exc.value.code == 2
+    assert main(["--profile", "quick", "--stage", "depthh"]) == 2
+    assert "unknown stage(s) ['depthh']" in capsys.readouterr().err
+
+
+def test_missing_data_root_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from exp_roundoff.run import main
+
+    monkeypatch.setenv("LLM4ALL_DATA", str(tmp_path / "nowhere"))
+    assert main(["--profile", "quick", "--stage", "accum"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corpus file not found") and "Traceback" not in err
+
+
+def test_guidelines_alone_reads_earlier_stages_from_disk(tmp_path, monkeypatch):
+    """--stage guidelines in a fresh call reads the accum summary written by an earlier call."""
+    from exp_roundoff.run import main
+
+    small = [s for s in TINY if s.startswith("accum.")]
+    assert main(["--profile", "quick", "--stage", "accum", *small]) == 0
+    assert main(["--profile", "quick", "--stage", "guidelines", *small]) == 0
+    g = load_results().query("table == 'guidelines'")
+    assert "accumulate_in_fp32" in set(g["method"]) and g["value"].notna().all()
+    # and a third call finds accum complete (skipped), guidelines always reruns
+    assert main(["--profile", "quick", "--stage", "accum,guidelines", *small]) == 0
 
 
 @pytest.mark.slow
