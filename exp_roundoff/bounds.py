@@ -20,7 +20,7 @@ import math
 import torch
 
 from common.lowp.formats import get_format
-from common.lowp.tracer import OpPrecision, Policy, TraceResult, _safe_div
+from common.lowp.tracer import OpPrecision, Policy, TraceResult, find_layers, safe_div
 
 
 # ----------------------------------------------------------------------------------- weight functionals
@@ -56,10 +56,8 @@ def _inf(w_kn: torch.Tensor) -> float:
 
 def weight_functionals(model: torch.nn.Module, n_heads: int, n_kv_heads: int | None = None) -> list[dict]:
     """Per decoder block: omega_kq, omega_ov, omega_ud (authors' inf-norm definitions) and 2-norm analogues."""
-    from common.lowp.tracer import _find_layers
-
     n_kv_heads = n_kv_heads or n_heads
-    _, layers = _find_layers(model)
+    _, layers = find_layers(model)
     rows = []
     for i, block in enumerate(layers):
         w = _attn_weights(block)
@@ -403,10 +401,10 @@ def _walk_one_batch(caps: dict[int, list[dict]], policy: Policy, rules) -> dict:
                 stream = c["y"]
             elif op == "lm_head":
                 out["logits"] = rules.gemm(c, err["normed"], policy.lm_head)
-                out["logits_rel"] = _safe_div(out["logits"], _tok(c["y"]))
+                out["logits_rel"] = safe_div(out["logits"], _tok(c["y"]))
         if layer < n_layers:
             out["block"].append(e.clone())
-            out["block_rel"].append(_safe_div(e, _tok(stream)))
+            out["block_rel"].append(safe_div(e, _tok(stream)))
     return out
 
 
@@ -425,7 +423,7 @@ def block_terms(result: TraceResult) -> list[dict]:
             g = c["weight"].abs().max() if c["weight"] is not None else 1.0
             cen = x - x.mean(-1, keepdim=True) if c["kind"] == "layernorm" else x
             sigma = torch.sqrt(cen.pow(2).mean(-1) + c["eps"])
-            kappa = _safe_div(g / sigma * x.norm(dim=-1), _tok(c["y"]))
+            kappa = safe_div(g / sigma * x.norm(dim=-1), _tok(c["y"]))
             row[f"norm{i + 1}_kappa_mean"] = float(kappa.mean())
             row[f"norm{i + 1}_kappa_max"] = float(kappa.max())
         acts = [c for c in caps[layer] if c["op"] == "act"]
@@ -433,7 +431,7 @@ def block_terms(result: TraceResult) -> list[dict]:
             row["act_lipschitz_max"] = float(_act_lipschitz(acts[0]).max())
         resid = [c for c in caps[layer] if c["op"] == "residual"]
         if norms and resid:
-            grow = _safe_div(_tok(resid[-1]["y"]), _tok(norms[0]["x"]))
+            grow = safe_div(_tok(resid[-1]["y"]), _tok(norms[0]["x"]))
             row["residual_growth_mean"] = float(grow.mean())
         rows.append(row)
     return rows

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from common.lowp.tracer import Policy, Tracer, _find_layers
+from common.lowp.tracer import Policy, Tracer, find_layers
 from common.models import build_causal_lm
 
 
@@ -77,7 +77,7 @@ def _attn(block: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def scale_qk(model: torch.nn.Module, s: float) -> None:
     """Multiply W_q (and its bias) by ``s``: W_q^T W_k and the attention logits scale by ``s``."""
-    for block in _find_layers(model)[1]:
+    for block in find_layers(model)[1]:
         attn = _attn(block)
         if hasattr(attn, "c_attn"):
             d = attn.c_attn.weight.shape[0]
@@ -93,7 +93,7 @@ def scale_qk(model: torch.nn.Module, s: float) -> None:
 def scale_residual_projections(model: torch.nn.Module, s: float) -> None:
     """Multiply the residual-branch output projections (attention out, MLP down) and biases by ``s``:
     the blocks compute x + s*attn(norm(x)) and x + s*mlp(norm(x)) (the authors' residual-scale experiment)."""
-    for block in _find_layers(model)[1]:
+    for block in find_layers(model)[1]:
         attn = _attn(block)
         mods = [getattr(attn, n) for n in ("c_proj", "o_proj", "out_proj") if hasattr(attn, n)]
         mlp = getattr(block, "mlp", block)
@@ -111,11 +111,6 @@ def add_massive_outlier(model: torch.nn.Module, magnitude: float, dims: tuple[in
     emb = model.get_input_embeddings()
     for d in dims:
         emb.weight[:, d] += magnitude
-
-
-def init_scale_factor(init_std: float, d_model: int) -> float:
-    """init_std * sqrt(d_model): the gain of one random linear map at that init (1 = norm preserving)."""
-    return init_std * math.sqrt(d_model)
 
 
 # ------------------------------------------------------------------------------------- attention sinks
@@ -169,7 +164,7 @@ def add_attention_sink(model: torch.nn.Module, strength: float, massive: float =
     dh = _head_dim(model)
     j = dh // 2 - 1
     d = model.config.hidden_size
-    for block in _find_layers(model)[1]:
+    for block in find_layers(model)[1]:
         attn = _attn(block)
         if hasattr(attn, "c_attn"):  # GPT-2 Conv1D: y = x W + b, W = [W_q | W_k | W_v] of shape (d, 3d)
             q_bias, n_q = attn.c_attn.bias[:d], d // dh

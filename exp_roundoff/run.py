@@ -21,7 +21,7 @@ import torch
 from common.config import default_data_dir
 from common.data import DatasetNotAvailableError
 from common.lowp import quantize
-from common.lowp.tracer import OpPrecision, Policy, Tracer, _Emulator
+from common.lowp.tracer import Emulator, OpPrecision, Policy, Tracer
 from common.stages import Stage, StageContext, run_experiment
 from exp_roundoff.bounds import block_terms, forward_error_bound, forward_error_estimate, weight_functionals
 from exp_roundoff.config import STAGES, Config
@@ -317,7 +317,7 @@ def stage_sinks(cfg: Config, run: StageContext, summary: dict) -> None:
     """Softmax alone: rows with one sink logit beta above N(0,1) logits; bf16 shifted vs unshifted evaluation."""
     h = cfg.hyper
     g = torch.Generator().manual_seed(cfg.seed + 4)
-    emu = _Emulator(Policy())
+    emu = Emulator(Policy())
     p = OpPrecision(fmt=h.precision, acc_fmt=h.precision)
     base = torch.randn(h.sink_rows, h.seq_len, generator=g, dtype=torch.float64)
     for beta in h.sink_logits:

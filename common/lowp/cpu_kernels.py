@@ -1,7 +1,7 @@
-"""Numba CPU backend of ``quantize``: the reference's rounding (``quantize._round_general``) as one pass per
+"""Numba CPU backend of ``quantize``: the reference's rounding (``reference.round_general``) as one pass per
 element over the container's bit pattern (int32 for float32, int64 for float64), bit-identical to
 ``quantize_torch`` in every mode, format and container; stochastic rounding consumes the same random
-integers (drawn by ``quantize.random_bits`` from the caller's generator) in the same order.
+integers (drawn by ``spec.random_bits`` from the caller's generator) in the same order.
 
 The per-element routine is branch-light (selects, no early exits) so LLVM vectorises the loop; the mode is a
 compile-time constant of each loop (one loop per mode, the routine is inlined) and everything else is a
@@ -20,14 +20,16 @@ import numpy as np
 import torch
 
 from common.lowp.formats import FloatFormat
-from common.lowp.quantize import (
-    _INT,
-    _check_mode,
-    _same_range_ieee,
+from common.lowp.spec import (
+    INT_VIEW,
+    MODE_CODES,
+    OVERFLOW_CODES,
+    check_mode,
     format_constants,
     needs_work,
     random_bits,
     resolve_container,
+    same_range_ieee,
 )
 
 try:
@@ -35,8 +37,6 @@ try:
 except ImportError:  # optional dependency: quantize falls back to the torch path
     numba = None
 
-MODE_CODE = {"rne": 0, "rz": 1, "ru": 2, "rd": 3, "stochastic": 4}
-OVERFLOW_CODE = {"inf": 0, "saturate": 1, "nan": 2}
 # Canonical quiet NaN, as torch.where(..., float("nan"), ...) writes it in the reference.
 _NAN_BITS = {torch.float32: 0x7FC00000, torch.float64: 0x7FF8000000000000}
 _PARALLEL_MIN = 1 << 20  # below this, thread start-up costs more than it saves
@@ -52,7 +52,7 @@ def _njit(**kw):
 @_njit(inline="always")
 def _round_one(b, xf, rb, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits, q_bits, half_q_bits,
                s1, s2, u_scale, nan_bits):
-    """One element (see quantize._round_general, which this mirrors step by step)."""
+    """One element (see reference.round_general, which this mirrors step by step)."""
     a = b & abs_mask
     neg = b < 0
     sign = b ^ a  # the sign bit, sign-extended like b (the store truncates to the container width)
@@ -192,7 +192,7 @@ def _kernel_args(fmt: FloatFormat, dtype: torch.dtype, mode: str) -> tuple:
     c = format_constants(fmt, dtype)
     fdt = np.float32 if dtype == torch.float32 else np.float64
     s1, s2 = _scale_by_inv_q(c["Q"])
-    return (MODE_CODE[mode], OVERFLOW_CODE[fmt.overflow], int(torch.iinfo(_INT[dtype]).max), c["MC"], c["R0"],
+    return (MODE_CODES[mode], OVERFLOW_CODES[fmt.overflow], int(torch.iinfo(INT_VIEW[dtype]).max), c["MC"], c["R0"],
             c["EMIN_FIELD"], c["MAX_BITS"], c["INF_BITS"], c["Q_BITS"], c["HALF_Q_BITS"], fdt(s1), fdt(s2),
             fdt(2.0 ** -c["MC"]), _NAN_BITS[dtype])
 
@@ -221,12 +221,12 @@ def _launch(kernel, arrays: tuple[np.ndarray, ...], args: tuple) -> None:
 
 def round_container_numba(x: torch.Tensor, fmt: FloatFormat, mode: str, rnd: torch.Tensor | None) -> torch.Tensor:
     """Round a contiguous float32/float64 CPU tensor to ``fmt`` (``rnd``: random_bits for stochastic)."""
-    it = _INT[x.dtype]
+    it = INT_VIEW[x.dtype]
     flat = x.detach().reshape(-1)
     bits = flat.view(it).numpy()
     out = np.empty_like(bits)
     args = _kernel_args(fmt, x.dtype, mode)
-    if _same_range_ieee(fmt, x.dtype) and mode != "stochastic" and args[4] > 0:
+    if same_range_ieee(fmt, x.dtype) and mode != "stochastic" and args[4] > 0:
         _launch(_round_same_range_kernel, (bits, out), (args[0], args[2], args[4], args[7]))
     else:
         xf = flat.numpy()
@@ -239,7 +239,7 @@ def round_container_numba(x: torch.Tensor, fmt: FloatFormat, mode: str, rnd: tor
 def quantize_numba(x: torch.Tensor, fmt: FloatFormat, mode: str = "rne",
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """The numba backend of :func:`quantize` (CPU tensors): same results as ``quantize_torch``, bit for bit."""
-    _check_mode(mode)
+    check_mode(mode)
     if numba is None:
         raise RuntimeError("backend='numba' needs the numba package")
     if x.device.type != "cpu":

@@ -174,11 +174,3 @@ def container_format(dtype: torch.dtype) -> FloatFormat:
         raise TypeError(f"quantize works on float64/float32/bfloat16/float16 tensors, got {dtype}")
     return CONTAINERS[dtype]
 
-
-def smallest_container(fmt: FloatFormat) -> torch.dtype:
-    """float32 when every number of ``fmt`` is a float32, else float64."""
-    if fmt.fits_in(FORMATS["fp32"]):
-        return torch.float32
-    if fmt.fits_in(FORMATS["fp64"]):
-        return torch.float64
-    raise ValueError(f"format {fmt} does not fit in float64")

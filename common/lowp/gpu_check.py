@@ -25,15 +25,14 @@ import torch
 
 from common.lowp import emulated_matmul
 from common.lowp.native import native_matmul, native_matmul_reference, to_fp8
+from common.paths import REPO_ROOT
 from common.results import Run
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run_gpu_tests() -> int:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO / "tests/lowp/test_lowp_native.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(REPO_ROOT / "tests/lowp/test_lowp_native.py")]
     print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=REPO).returncode
+    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
 
 
 def bench_native(run: Run, sizes: list[int]) -> None:

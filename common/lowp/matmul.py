@@ -1,4 +1,5 @@
-"""Matrix multiplication with an emulated low-precision accumulator (PyTorch reference + dispatch).
+"""``emulated_matmul``: matrix multiplication with an emulated low-precision accumulator, dispatched to a backend
+(the PyTorch reference ``reference.emulated_matmul_torch`` or ``triton_kernels.emulated_matmul_triton``).
 
 The model of ``C = A @ B`` (per output element, k = 0..K-1 in order, blocks of ``block_k``):
 
@@ -26,85 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from common.lowp.formats import FORMATS, FloatFormat, get_format
-from common.lowp.quantize import _check_mode, quantize_torch
+from common.lowp.formats import FloatFormat, get_format
+from common.lowp.reference import emulated_matmul_torch
+from common.lowp.spec import check_matmul_args, check_mode
+
+__all__ = ["FMTLike", "emulated_matmul", "emulated_matmul_torch"]
 
 FMTLike = FloatFormat | str | tuple[int, int]
-
-
-def round_to_odd_add(acc: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """``acc + part`` (float64) rounded to odd: the float64 neighbour with an odd last bit when inexact."""
-    s = acc + part
-    bp = s - acc
-    err = (acc - (s - bp)) + (part - bp)  # TwoSum: acc + part == s + err exactly
-    bits = s.view(torch.int64)
-    fix = (err != 0) & torch.isfinite(err) & ((bits & 1) == 0)
-    step = torch.where((err > 0) == (s > 0), 1, -1)  # move the magnitude toward the exact value
-    return torch.where(fix, bits + step, bits).view(torch.float64)
-
-
-def output_dtype(out_fmt: FloatFormat) -> torch.dtype:
-    return torch.float32 if out_fmt.fits_in(FORMATS["fp32"]) else torch.float64
-
-
-def check_matmul_args(a: torch.Tensor, b: torch.Tensor, block_k: int) -> None:
-    if a.dim() not in (2, 3) or b.dim() not in (2, 3):
-        raise ValueError(f"emulated_matmul takes 2-D or batched 3-D inputs, got {tuple(a.shape)} @ {tuple(b.shape)}")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    if a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
-        raise ValueError(f"batch sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    if block_k < 1:
-        raise ValueError(f"block_k must be >= 1, got {block_k}")
-
-
-def _fp32_hardware_exact(aq: torch.Tensor, bq: torch.Tensor, in_fmt: FloatFormat, acc_fmt: FloatFormat) -> bool:
-    """True when float32 hardware addition *is* the model (strict fp32 RNE accumulation): the accumulator
-    format is exactly fp32 and every product is a float32 number (<= 12-bit significands, and no product
-    below 2^(2p-149) or above 2^127 in magnitude, checked on the data)."""
-    fp32 = FORMATS["fp32"]
-    if (acc_fmt.exp_bits, acc_fmt.man_bits, acc_fmt.exponent_bias, acc_fmt.subnormals, acc_fmt.specials,
-            acc_fmt.overflow) != (8, 23, 127, True, "ieee", "inf") or 2 * in_fmt.precision > fp32.precision:
-        return False
-    na, nb = aq[aq != 0].abs(), bq[bq != 0].abs()
-    if na.numel() == 0 or nb.numel() == 0:
-        return True
-    lo = na.min().item() * nb.min().item()
-    hi = na.max().item() * nb.max().item()
-    return lo >= 2.0 ** (2 * in_fmt.precision - 149) and hi < 2.0**127
-
-
-def _fp32_recursive_sum(aq: torch.Tensor, bq: torch.Tensor) -> torch.Tensor:
-    """sum_k a_ik b_kj in float32, one RNE addition after another (k in order); exact products."""
-    a32, b32 = aq.to(torch.float32), bq.to(torch.float32)
-    acc = a32[..., :, :1] * b32[..., :1, :]
-    for k in range(1, a32.shape[-1]):
-        acc = acc + a32[..., :, k:k + 1] * b32[..., k:k + 1, :]
-    return acc.to(torch.float64)
-
-
-def emulated_matmul_torch(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat, acc_fmt: FloatFormat,
-                          out_fmt: FloatFormat, block_k: int = 1, mode: str = "rne",
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """PyTorch reference of :func:`emulated_matmul` (float64 containers, any device)."""
-    check_matmul_args(a, b, block_k)
-    aq = quantize_torch(a.to(torch.float64), in_fmt)
-    bq = quantize_torch(b.to(torch.float64), in_fmt)
-    k_total = aq.shape[-1]
-    if block_k == 1 and mode == "rne" and _fp32_hardware_exact(aq, bq, in_fmt, acc_fmt):
-        return quantize_torch(_fp32_recursive_sum(aq, bq), out_fmt).to(output_dtype(out_fmt))
-    exact_acc = acc_fmt.man_bits <= 51
-    acc = None
-    for k0 in range(0, k_total, block_k):
-        k1 = min(k0 + block_k, k_total)
-        part = aq[..., k0:k1] @ bq[..., k0:k1, :]
-        if acc is None:
-            acc = torch.zeros_like(part)
-        s = round_to_odd_add(acc, part) if exact_acc else acc + part
-        acc = quantize_torch(s, acc_fmt, mode, generator)
-    if acc is None:  # K == 0: an empty sum
-        acc = aq @ bq
-    return quantize_torch(acc, out_fmt).to(output_dtype(out_fmt))
 
 
 def emulated_matmul(a: torch.Tensor, b: torch.Tensor, in_fmt: FMTLike = "fp32", acc_fmt: FMTLike = "fp32",
@@ -117,7 +46,7 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, in_fmt: FMTLike = "fp32", 
     out_fmt does not fit in float32). ``backend``: "torch", "triton" or "auto" (Triton on CUDA).
     """
     in_fmt, acc_fmt, out_fmt = get_format(in_fmt), get_format(acc_fmt), get_format(out_fmt)
-    _check_mode(mode)
+    check_mode(mode)
     check_matmul_args(a, b, block_k)
     if backend == "auto":
         backend = "triton" if a.is_cuda else "torch"

@@ -41,7 +41,7 @@ def _configs() -> list:
 if triton is not None:
 
     @triton.jit
-    def _native_mm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+    def native_mm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                           HAS_SCALE: tl.constexpr, IMPRECISE: tl.constexpr):
         pid = tl.program_id(0)
@@ -78,7 +78,7 @@ if triton is not None:
         return [c for c in configs if c.kwargs["BK"] >= imprecise]
 
     _native_mm_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_SCALE", "IMPRECISE"],
-                                           prune_configs_by={"early_config_prune": _prune})(_native_mm_kernel)
+                                           prune_configs_by={"early_config_prune": _prune})(native_mm_kernel)
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -146,7 +146,7 @@ def native_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | floa
     else:
         bm, bn, bk = block
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _native_mm_kernel[grid](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, HAS_SCALE=scale is not None,
+        native_mm_kernel[grid](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, HAS_SCALE=scale is not None,
                                 IMPRECISE=imprecise)
     return c
 

@@ -21,6 +21,11 @@ mean / quantiles / max over tokens and inputs. With ``capture=True`` it also kee
 
     tracer = Tracer(model, Policy.uniform("bf16", acc="fp32"))
     result = tracer.run(input_ids)           # TraceResult: .rows (list of dicts), .logits_ref, .logits_test
+
+Public API (``__all__``; README.md in this folder, section "Tracer API"): ``Tracer``, ``TraceResult``,
+``Policy``, ``OpPrecision``, ``EXACT``, ``Emulator`` (the emulated ops on their own), ``ROLES``, ``QUANTILES``,
+``LINEAR_ROLES`` (module name -> op kind; extend it for another model family), ``find_layers``,
+``token_errors``, ``safe_div``, ``summarize``.
 """
 
 from __future__ import annotations
@@ -39,12 +44,15 @@ from common.lowp.formats import get_format
 from common.lowp.matmul import emulated_matmul
 from common.lowp.quantize import quantize
 
+__all__ = ["EXACT", "LINEAR_ROLES", "QUANTILES", "ROLES", "Emulator", "OpPrecision", "Policy", "TraceResult",
+           "Tracer", "find_layers", "safe_div", "summarize", "token_errors"]
+
 ROLES = ("embed", "qkv", "scores", "softmax", "value", "attn_out", "mlp_up", "act", "mlp_down", "norm",
          "residual", "lm_head")
 QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
 
 # Linear-layer module names (last path component) -> role. GPT-2's c_proj is resolved by its parent.
-_LINEAR_ROLES = {
+LINEAR_ROLES = {
     "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv",
     "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
     "gate_proj": "mlp_up", "up_proj": "mlp_up", "fc1": "mlp_up", "c_fc": "mlp_up", "w1": "mlp_up", "w3": "mlp_up",
@@ -154,14 +162,14 @@ def token_errors(ref: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tenso
     diff = torch.where(ok, test - ref, 0.0).abs()
     diff = torch.where(torch.isnan(diff), math.inf, diff)  # a NaN in the test run is an infinite error
     r = torch.where(ok, ref, 0.0).abs()
-    l2 = _safe_div(diff.norm(dim=1), r.norm(dim=1))
-    linf = _safe_div(diff.amax(dim=1), r.amax(dim=1))
+    l2 = safe_div(diff.norm(dim=1), r.norm(dim=1))
+    linf = safe_div(diff.amax(dim=1), r.amax(dim=1))
     # componentwise: 0 where the reference component is 0 (the authors' convention; ReLU zeros would be inf)
     comp = torch.where(r > 0, diff / r.clamp_min(torch.finfo(torch.float64).tiny), 0.0).amax(dim=1)
     return {"rel_l2": l2, "rel_linf": linf, "rel_comp": comp}
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with 0/0 = 0 (an exact zero) and x/0 = inf; keeps every token, so token orders align."""
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny),
                        torch.where(num > 0, math.inf, 0.0))
@@ -203,7 +211,9 @@ class TraceResult:
 
 
 # ------------------------------------------------------------------------------------- model structure
-def _find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(dotted name, module list) of the decoder layers: the shortest-named non-empty ModuleList called
+    ``layers`` / ``h`` / ``blocks`` (Llama/OPT, GPT-2, ...); ValueError when there is none."""
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) and name.split(".")[-1] in ("layers", "h", "blocks"):
@@ -232,7 +242,7 @@ class _ModInfo:
 
 
 def _describe(model: torch.nn.Module) -> tuple[dict[int, _ModInfo], int]:
-    layers_name, layers = _find_layers(model)
+    layers_name, layers = find_layers(model)
     base_name = layers_name.rsplit(".", 1)[0] if "." in layers_name else ""
     depth = len(layers_name.split(".")) + 1
     n_layers = len(layers)
@@ -256,11 +266,11 @@ def _describe(model: torch.nn.Module) -> tuple[dict[int, _ModInfo], int]:
             kind, role = "norm", "norm"
         elif isinstance(mod, torch.nn.Linear) or cls == "Conv1D":
             kind = "linear"
-            role = _LINEAR_ROLES.get(last)
+            role = LINEAR_ROLES.get(last)
             if last == "c_proj":
                 role = "attn_out" if "attn" in parts[-2] else "mlp_down"
             if role is None:
-                raise ValueError(f"linear module '{name}' ({cls}): unknown role; extend _LINEAR_ROLES")
+                raise ValueError(f"linear module '{name}' ({cls}): unknown role; extend LINEAR_ROLES")
         elif last in _ACT_NAMES and not list(mod.parameters()):
             kind, role = "act", "act"
         elif last in ("mlp", "feed_forward"):
@@ -270,8 +280,9 @@ def _describe(model: torch.nn.Module) -> tuple[dict[int, _ModInfo], int]:
 
 
 # -------------------------------------------------------------------------------------- emulated ops
-class _Emulator:
-    """Emulated versions of the intercepted ops (test half only). Weights are rounded once per trace."""
+class Emulator:
+    """The emulated ops: what the tracer runs on the test half, usable on their own (float64 tensors in, float64
+    tensors holding values of the policy's formats out). Weights are rounded once per Emulator (per trace)."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
@@ -605,7 +616,7 @@ class Tracer:
         self._errs: dict = defaultdict(list)
         self._stats: dict = defaultdict(list)
         captures: list[dict] = []
-        self.emu = _Emulator(self.policy)
+        self.emu = Emulator(self.policy)
         handles, saved_forwards = [], {}
         old_impl = model.config._attn_implementation
         model.config._attn_implementation = "sdpa"
@@ -654,3 +665,4 @@ class Tracer:
                  for (layer, name), chunks in sorted(self._stats.items(), key=lambda kv: str(kv[0]))]
         return TraceResult(rows, stats, torch.cat(logits_ref), torch.cat(logits_test), captures,
                            token_values)
+

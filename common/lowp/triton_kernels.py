@@ -1,6 +1,6 @@
 """Triton kernels for format emulation: ``quantize`` and the emulated-accumulation matmul.
 
-Same algorithm as the PyTorch reference (``quantize.py``, ``matmul.py``) on float32/float64 bit patterns
+Same algorithm as the PyTorch reference (``reference.py``) on float32/float64 bit patterns
 (int32/int64), so they also run under the Triton interpreter on CPU (``TRITON_INTERPRET=1``, which must be
 set before this module is first imported; the interpreter has no bf16 arithmetic, hence bit patterns).
 ``quantize_triton`` takes its stochastic-rounding bits from the same torch generator call as the
@@ -18,17 +18,17 @@ import triton
 import triton.language as tl
 
 from common.lowp.formats import FloatFormat
-from common.lowp.matmul import check_matmul_args, output_dtype
-from common.lowp.quantize import (
-    MODES,
-    _check_mode,
+from common.lowp.spec import (
+    MODE_CODES,
+    OVERFLOW_CODES,
+    check_matmul_args,
+    check_mode,
     format_constants,
     needs_work,
+    output_dtype,
     random_bits,
     resolve_container,
 )
-
-OVERFLOW_CODES = {"inf": 0, "saturate": 1, "nan": 2}
 
 
 def interpreter_enabled() -> bool:
@@ -45,7 +45,7 @@ def round_constants(fmt: FloatFormat, dtype: torch.dtype, mode: str) -> dict:
     c = format_constants(fmt, dtype)
     return {"MC": c["MC"], "R0": c["R0"], "EMIN_FIELD": c["EMIN_FIELD"], "MAX_BITS": c["MAX_BITS"],
             "INF_BITS": c["INF_BITS"], "Q_BITS": c["Q_BITS"], "HALF_Q_BITS": c["HALF_Q_BITS"], "Q": c["Q"],
-            "RSCALE": 2.0 ** -c["MC"], "MODE": MODES.index(mode), "OVERFLOW": OVERFLOW_CODES[fmt.overflow]}
+            "RSCALE": 2.0 ** -c["MC"], "MODE": MODE_CODES[mode], "OVERFLOW": OVERFLOW_CODES[fmt.overflow]}
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def _round(x, rnd, MC: tl.constexpr, R0: tl.constexpr, EMIN_FIELD: tl.constexpr,
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, y_ptr, rnd_ptr, n, BLOCK: tl.constexpr, HAS_RND: tl.constexpr,
+def quantize_kernel(x_ptr, y_ptr, rnd_ptr, n, BLOCK: tl.constexpr, HAS_RND: tl.constexpr,
                      MC: tl.constexpr, R0: tl.constexpr, EMIN_FIELD: tl.constexpr, MAX_BITS: tl.constexpr,
                      INF_BITS: tl.constexpr, Q_BITS: tl.constexpr, HALF_Q_BITS: tl.constexpr, Q: tl.constexpr,
                      RSCALE: tl.constexpr, MODE: tl.constexpr, OVERFLOW: tl.constexpr, IS64: tl.constexpr):
@@ -146,8 +146,8 @@ def _quantize_kernel(x_ptr, y_ptr, rnd_ptr, n, BLOCK: tl.constexpr, HAS_RND: tl.
 
 def quantize_triton(x: torch.Tensor, fmt: FloatFormat, mode: str = "rne",
                     generator: torch.Generator | None = None, block: int = 1024) -> torch.Tensor:
-    """Triton version of :func:`common.lowp.quantize.quantize_torch` (bit-identical, same generator use)."""
-    _check_mode(mode)
+    """Triton version of :func:`common.lowp.reference.quantize_torch` (bit-identical, same generator use)."""
+    check_mode(mode)
     if not needs_work(fmt, x.dtype):
         return x.clone()
     work = resolve_container(x, fmt)
@@ -158,7 +158,7 @@ def quantize_triton(x: torch.Tensor, fmt: FloatFormat, mode: str = "rne",
     n = xc.numel()
     if n:
         grid = (triton.cdiv(n, block),)
-        _quantize_kernel[grid](xc, y, rnd, n, BLOCK=block, HAS_RND=mode == "stochastic",
+        quantize_kernel[grid](xc, y, rnd, n, BLOCK=block, HAS_RND=mode == "stochastic",
                                IS64=work == torch.float64, **round_constants(fmt, work, mode))
     return y.reshape(x.shape).to(x.dtype)
 
@@ -175,7 +175,7 @@ def _round_to_odd_add(acc, part):
 
 
 @triton.jit
-def _emulated_mm_kernel(
+def emulated_mm_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K, seed,
     s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKP: tl.constexpr, ROUND_TO_ODD: tl.constexpr,
@@ -224,7 +224,8 @@ def _emulated_mm_kernel(
     tl.store(c_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _prefixed(prefix: str, consts: dict) -> dict:
+def prefixed_constants(prefix: str, consts: dict) -> dict:
+    """``round_constants`` as the matmul kernel's keyword arguments (``A_`` accumulator, ``O_`` output)."""
     return {f"{prefix}_{k}": v for k, v in {**consts, "RMASK": 2 ** consts["MC"] - 1}.items()}
 
 
@@ -232,7 +233,7 @@ def emulated_matmul_triton(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat
                            out_fmt: FloatFormat, block_k: int = 1, mode: str = "rne",
                            generator: torch.Generator | None = None, tile: int = 16,
                            chunk: int = 16) -> torch.Tensor:
-    """Triton version of :func:`common.lowp.matmul.emulated_matmul_torch` (float64 containers)."""
+    """Triton version of :func:`common.lowp.reference.emulated_matmul_torch` (float64 containers)."""
     check_matmul_args(a, b, block_k)
     _check_device(a)
     aq = quantize_triton(a.to(torch.float64), in_fmt)
@@ -250,14 +251,14 @@ def emulated_matmul_triton(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat
                                  if generator is not None else "cpu").item())
     bkp = min(triton.next_power_of_2(block_k), chunk)  # (BM, BKP, BN) products live in registers
     grid = (triton.cdiv(m, tile), triton.cdiv(n, tile), batch)
-    _emulated_mm_kernel[grid](
+    emulated_mm_kernel[grid](
         a3, b3, c, m, n, k, seed,
         a3.stride(0) if a3.shape[0] > 1 else 0, a3.stride(1), a3.stride(2),
         b3.stride(0) if b3.shape[0] > 1 else 0, b3.stride(1), b3.stride(2),
         c.stride(0), c.stride(1), c.stride(2),
         BM=tile, BN=tile, BK=block_k, BKP=bkp, ROUND_TO_ODD=acc_fmt.man_bits <= 51,
-        **_prefixed("A", round_constants(acc_fmt, torch.float64, mode)),
-        **_prefixed("O", round_constants(out_fmt, torch.float64, "rne")),
+        **prefixed_constants("A", round_constants(acc_fmt, torch.float64, mode)),
+        **prefixed_constants("O", round_constants(out_fmt, torch.float64, "rne")),
     )
     out = c[0] if squeeze else c
     return out.to(output_dtype(out_fmt))

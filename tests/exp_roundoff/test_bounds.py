@@ -4,7 +4,7 @@ for one block (the composition over depth is a worst case and grows geometricall
 import pytest
 import torch
 
-from common.lowp.tracer import Policy, Tracer, _safe_div
+from common.lowp.tracer import Policy, Tracer, safe_div
 from exp_roundoff.bounds import (
     forward_error_bound,
     forward_error_estimate,
@@ -53,13 +53,13 @@ def test_local_op_bounds_hold_and_are_tight(arch):
     down = next(c for c in caps if c["op"] == "mlp_down")
     y = down["y"].reshape(-1, down["y"].shape[-1])
     loc = gemm_bound(down, torch.zeros(y.shape[0], dtype=torch.float64), pol.mlp_down)
-    loc = _safe_div(loc, y.norm(dim=-1))
+    loc = safe_div(loc, y.norm(dim=-1))
     measured = res.token_values[(0, "mlp_down", "local", "rel_l2")][: y.shape[0]]
     assert torch.all(measured <= loc) and (loc / measured).nanmedian() < 100
     norm = next(c for c in caps if c["op"] == "norm")
     yn = norm["y"].reshape(-1, norm["y"].shape[-1])
     nloc = norm_bound(norm, torch.zeros(yn.shape[0], dtype=torch.float64), pol.norm)
-    nloc = _safe_div(nloc, yn.norm(dim=-1))
+    nloc = safe_div(nloc, yn.norm(dim=-1))
     measured = res.token_values[(0, "norm", "local", "rel_l2")][: yn.shape[0]]
     assert torch.all(measured <= nloc)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from common.lowp import quantize
-from common.lowp.tracer import OpPrecision, Policy, Tracer, _Emulator, token_errors
+from common.lowp.tracer import Emulator, OpPrecision, Policy, Tracer, token_errors
 
 
 def test_fp64_policy_reproduces_the_model_exactly(tiny, arch, monkeypatch):
@@ -67,7 +67,7 @@ def test_bf16_ops_equal_native_bfloat16(op):
     kernel sums in fp32 in its own order, so a result within ~1e-7 of a bf16 rounding boundary may round the
     other way: allow <= 1% of elements to differ, by at most 1 ulp."""
     g = torch.Generator().manual_seed(0)
-    e = _Emulator(Policy.uniform("bf16"))
+    e = Emulator(Policy.uniform("bf16"))
     p = OpPrecision(fmt="bf16", acc_fmt="fp32")
     x = quantize(torch.randn(64, 128, generator=g, dtype=torch.float64), "bf16")
     w = quantize(torch.randn(128, generator=g, dtype=torch.float64), "bf16")

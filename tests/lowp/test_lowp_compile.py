@@ -33,7 +33,7 @@ def test_quantize_kernel_compiles_for_sm90(dtype, mode):
     consts = dict(BLOCK=1024, HAS_RND=mode == "stochastic", IS64=is64,
                   **tk.round_constants(get_format("fp8_e4m3fn"), dtype, mode))
     ptr, iptr = ("*fp64", "*i64") if is64 else ("*fp32", "*i32")
-    k = _compile(tk._quantize_kernel, {"x_ptr": ptr, "y_ptr": ptr, "rnd_ptr": iptr, "n": "i32"}, consts)
+    k = _compile(tk.quantize_kernel, {"x_ptr": ptr, "y_ptr": ptr, "rnd_ptr": iptr, "n": "i32"}, consts)
     assert "cubin" in k.asm
 
 
@@ -42,20 +42,20 @@ def test_emulated_matmul_kernel_compiles_for_sm90(bk, bkp, acc, mode):
     from common.lowp import triton_kernels as tk
 
     consts = dict(BM=16, BN=16, BK=bk, BKP=bkp, ROUND_TO_ODD=True,
-                  **tk._prefixed("A", tk.round_constants(get_format(acc), torch.float64, mode)),
-                  **tk._prefixed("O", tk.round_constants(get_format("bf16"), torch.float64, "rne")))
+                  **tk.prefixed_constants("A", tk.round_constants(get_format(acc), torch.float64, mode)),
+                  **tk.prefixed_constants("O", tk.round_constants(get_format("bf16"), torch.float64, "rne")))
     sig = {"a_ptr": "*fp64", "b_ptr": "*fp64", "c_ptr": "*fp64", "M": "i32", "N": "i32", "K": "i32", "seed": "i32"}
     sig.update({s: "i32" for s in ["s_ab", "s_am", "s_ak", "s_bb", "s_bk", "s_bn", "s_cb", "s_cm", "s_cn"]})
-    assert "cubin" in _compile(tk._emulated_mm_kernel, sig, consts).asm
+    assert "cubin" in _compile(tk.emulated_mm_kernel, sig, consts).asm
 
 
 @pytest.mark.parametrize("dtype,imprecise", [("bf16", -1), ("fp8e4nv", -1), ("fp8e4nv", 32)])
 def test_native_kernel_compiles_for_sm90_with_wgmma(dtype, imprecise):
-    from common.lowp.native import _native_mm_kernel
+    from common.lowp.native import native_mm_kernel
 
     consts = dict(BM=128, BN=128, BK=64, GROUP_M=8, HAS_SCALE=dtype.startswith("fp8"), IMPRECISE=imprecise)
     sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*bf16", "scale_ptr": "*fp32", "M": "i32",
            "N": "i32", "K": "i32"}
     sig.update({s: "i32" for s in ["s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn"]})
-    k = _compile(_native_mm_kernel, sig, consts, num_warps=8, num_stages=3)
+    k = _compile(native_mm_kernel, sig, consts, num_warps=8, num_stages=3)
     assert "wgmma.mma_async" in k.asm["ptx"]  # Hopper tensor-core instructions were emitted

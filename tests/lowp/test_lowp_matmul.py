@@ -129,16 +129,16 @@ def test_fp32_strict_fast_path_equals_generic(in_fmt, monkeypatch):
     """block_k=1 + fp32 RNE accumulation runs on float32 hardware additions when every product is a float32
     number; it must equal the generic float64 round-to-odd path bit for bit. Data with a huge dynamic
     range (products below 2^(2p-149)) must fall back to the generic path."""
-    import common.lowp.matmul as mm
+    import common.lowp.reference as ref
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 9, 200, generator=g) * 10 ** ((torch.rand(2, 9, 200, generator=g) - 0.5) * 4)
     b = torch.randn(200, 7, generator=g) * 10 ** ((torch.rand(200, 7, generator=g) - 0.5) * 4)
-    aq, bq = mm.quantize_torch(a.double(), get_format(in_fmt)), mm.quantize_torch(b.double(), get_format(in_fmt))
-    assert mm._fp32_hardware_exact(aq, bq, get_format(in_fmt), get_format("fp32"))
+    aq, bq = ref.quantize_torch(a.double(), get_format(in_fmt)), ref.quantize_torch(b.double(), get_format(in_fmt))
+    assert ref.fp32_hardware_exact(aq, bq, get_format(in_fmt), get_format("fp32"))
     fast = emulated_matmul(a, b, in_fmt, "fp32", "fp32", block_k=1)
-    monkeypatch.setattr(mm, "_fp32_hardware_exact", lambda *args: False)
+    monkeypatch.setattr(ref, "fp32_hardware_exact", lambda *args: False)
     assert torch.equal(fast, emulated_matmul(a, b, in_fmt, "fp32", "fp32", block_k=1))
     monkeypatch.undo()
     tiny = torch.tensor([[2.0**-120, 1.0]], dtype=torch.float64)
-    assert not mm._fp32_hardware_exact(tiny, tiny.T, get_format("bf16"), get_format("fp32"))
+    assert not ref.fp32_hardware_exact(tiny, tiny.T, get_format("bf16"), get_format("fp32"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.lowp import FORMATS, FloatFormat, get_format, quantize
-from common.lowp.quantize import _round_general
+from common.lowp.reference import round_general
 from tests.lowp.lowp_oracle import edge_values, round_exact
 
 ML_DTYPES = {
@@ -120,7 +120,7 @@ def test_all_modes_match_exact_oracle(fmt, dtype):
         want = np.array([round_exact(float(v), fmt, mode) for v in x], dtype=np.float64).astype(dtype)
         assert_same(quantize(xt, fmt, mode=mode, backend="torch").numpy(), want, x, f"{fmt} {mode} {x.dtype}")
         if fmt.fits_in(FORMATS["fp32"]) or dtype == np.float64:  # the general routine on its own, too
-            assert_same(_round_general(xt, fmt, mode, None).numpy(), want, x, f"general {fmt} {mode}")
+            assert_same(round_general(xt, fmt, mode, None).numpy(), want, x, f"general {fmt} {mode}")
 
 
 @pytest.mark.parametrize("fmt", [FORMATS[n] for n in ["fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2_sat"]]
@@ -135,7 +135,7 @@ def test_fast_paths_equal_general_routine(fmt):
     many = torch.cat([few, base * fmt.min_normal])
     for x in (few, many, few.double()):
         for mode in MODES:
-            want = _round_general(x, fmt, mode, None)
+            want = round_general(x, fmt, mode, None)
             got = quantize(x, fmt, mode=mode, backend="torch")
             assert_same(got.numpy(), want.numpy(), x.numpy(), f"{fmt} {mode} n={x.numel()} {x.dtype}")
 

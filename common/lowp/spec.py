@@ -1,0 +1,95 @@
+"""What every backend shares: rounding-mode and overflow codes, integer views of the containers, the integer
+constants that describe a format inside a container, and the argument checks.
+
+Layer 1 of ``common.lowp`` (with ``formats.py``): it imports nothing from the package but ``formats``; the
+backends (``reference.py``, ``cpu_kernels.py``, ``triton_kernels.py``) import only this layer, and
+``quantize.py`` / ``matmul.py`` dispatch to the backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.lowp.formats import FORMATS, OVERFLOWS, FloatFormat, container_format
+
+MODES = ("rne", "rz", "ru", "rd", "stochastic")
+# The integer codes the compiled kernels (numba, Triton) branch on: the position in MODES / OVERFLOWS.
+MODE_CODES = {mode: i for i, mode in enumerate(MODES)}
+OVERFLOW_CODES = {overflow: i for i, overflow in enumerate(OVERFLOWS)}
+# The integer view of each container's bit pattern (float16/bfloat16 are widened to float32 first).
+INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of MODES, else ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"rounding mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def bits_of(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``value`` in container ``dtype`` (float32 or float64) as a Python int."""
+    return int(torch.tensor(value, dtype=dtype).view(INT_VIEW[dtype]).item())
+
+
+def format_constants(fmt: FloatFormat, dtype: torch.dtype) -> dict:
+    """Integer constants for rounding ``fmt`` inside container ``dtype`` (float32 or float64)."""
+    cf = container_format(dtype)
+    q = fmt.min_subnormal
+    return {
+        "MC": cf.man_bits, "R0": cf.man_bits - fmt.man_bits, "EMIN_FIELD": fmt.emin + cf.exponent_bias,
+        "MAX_BITS": bits_of(fmt.max_normal, dtype), "INF_BITS": bits_of(float("inf"), dtype),
+        "Q_BITS": bits_of(q, dtype), "HALF_Q_BITS": bits_of(q / 2, dtype), "Q": q,
+        "MIN_NORMAL_BITS": bits_of(fmt.min_normal, dtype),
+    }
+
+
+def needs_work(fmt: FloatFormat, dtype: torch.dtype) -> bool:
+    """False when rounding ``dtype`` values to ``fmt`` is the identity (fmt contains the container)."""
+    cf = container_format(dtype)
+    return not (cf.fits_in(fmt) and fmt.subnormals and fmt.specials == "ieee" and fmt.overflow == "inf")
+
+
+def same_range_ieee(fmt: FloatFormat, dtype: torch.dtype) -> bool:
+    """``fmt`` has the container's exponent range, subnormals and IEEE specials/overflow (bf16, tf32 and fp22
+    from float32): rounding is then a constant number of dropped bits on the signed pattern, with the carry
+    walking into the exponent up to inf (the backends' shortcut)."""
+    cf = container_format(dtype)
+    return (fmt.emin == cf.emin and fmt.emax == cf.emax and fmt.subnormals and fmt.specials == "ieee"
+            and fmt.overflow == "inf")
+
+
+def resolve_container(x: torch.Tensor, fmt: FloatFormat) -> torch.dtype:
+    """The dtype the rounding is computed in; raises if ``fmt`` is not representable in ``x.dtype``."""
+    if not x.is_floating_point():
+        raise TypeError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    cf = container_format(x.dtype)
+    if not fmt.fits_in(cf):
+        raise ValueError(f"format {fmt} is not representable in {x.dtype} (precision or range too large); "
+                         f"pass a float64 tensor")
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def random_bits(shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform integers in [0, 2^Mc) for stochastic rounding (Mc = container mantissa bits). Every backend
+    draws them with this one call, so all give the same results for the same generator state."""
+    mc = container_format(dtype).man_bits
+    return torch.randint(0, 2**mc, shape, generator=generator, dtype=INT_VIEW[dtype], device=device)
+
+
+def output_dtype(out_fmt: FloatFormat) -> torch.dtype:
+    """The dtype ``emulated_matmul`` returns for ``out_fmt``: float32 when it fits, else float64."""
+    return torch.float32 if out_fmt.fits_in(FORMATS["fp32"]) else torch.float64
+
+
+def check_matmul_args(a: torch.Tensor, b: torch.Tensor, block_k: int) -> None:
+    """Shapes ``emulated_matmul`` accepts: 2-D or batched 3-D, matching inner and batch dims; block_k >= 1."""
+    if a.dim() not in (2, 3) or b.dim() not in (2, 3):
+        raise ValueError(f"emulated_matmul takes 2-D or batched 3-D inputs, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+        raise ValueError(f"batch sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    if block_k < 1:
+        raise ValueError(f"block_k must be >= 1, got {block_k}")
