@@ -1,4 +1,5 @@
-"""Figures of the round-off experiments, drawn from the results table (latest run of each table)."""
+"""Figures and report tables of the round-off experiments, drawn from the results table (latest run of each
+table; results/make_figures.py draws them and writes results/REPORT.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pandas as pd
 from matplotlib.ticker import NullFormatter
 
 from common.plotting import register_figure, style
+from common.report import long, pivot, register_table, select
 
 EXP = "exp_roundoff"
 
@@ -23,7 +25,8 @@ def _col(t: pd.DataFrame, key: str) -> pd.Series:
     return t[f"p.{key}"]
 
 
-@register_figure("error_vs_depth", experiment=EXP)
+@register_figure("error_vs_depth", experiment=EXP, sources="depth",
+                 title="Error vs depth, random-init GPT-2 / Llama: measured, estimate, bound")
 def error_vs_depth(df: pd.DataFrame):
     t = _latest(df, "depth")
     if t.empty:
@@ -46,7 +49,8 @@ def error_vs_depth(df: pd.DataFrame):
     return fig
 
 
-@register_figure("error_vs_layer_smollm2", experiment=EXP)
+@register_figure("error_vs_layer_smollm2", experiment=EXP, sources="depth_real",
+                 title="SmolLM2-135M-Instruct: error per layer, measured vs estimate vs bound")
 def error_vs_layer_real(df: pd.DataFrame):
     t = _latest(df, "depth_real")
     t = t[t["metric"] != "logits_mean"]
@@ -70,7 +74,8 @@ def error_vs_layer_real(df: pd.DataFrame):
     return fig
 
 
-@register_figure("mean_vs_median", experiment=EXP)
+@register_figure("mean_vs_median", experiment=EXP, sources="mean_vs_median",
+                 title="Per-token error distribution: mean vs median")
 def mean_vs_median(df: pd.DataFrame):
     t = _latest(df, "mean_vs_median")
     t = t[t["metric"].str.startswith("token_") & (t["metric"] != "token_mean_over_median")]
@@ -94,7 +99,8 @@ def mean_vs_median(df: pd.DataFrame):
     return fig
 
 
-@register_figure("accumulation", experiment=EXP)
+@register_figure("accumulation", experiment=EXP, sources=("accumulation", "high_precision_ops", "low_precision_ops"),
+                 title="Accumulation format and block size; which op groups need precision")
 def accumulation(df: pd.DataFrame):
     t = _latest(df, "accumulation")
     h = _latest(df, "high_precision_ops")
@@ -123,7 +129,8 @@ def accumulation(df: pd.DataFrame):
     return fig
 
 
-@register_figure("hyperparameters", experiment=EXP)
+@register_figure("hyperparameters", experiment=EXP, sources="hyper",
+                 title="Hyper-parameter sweeps: logits error")
 def hyperparameters(df: pd.DataFrame):
     t = _latest(df, "hyper")
     t = t[t["metric"] == "logits_mean"]
@@ -151,7 +158,8 @@ def hyperparameters(df: pd.DataFrame):
     return fig
 
 
-@register_figure("softmax_sinks", experiment=EXP)
+@register_figure("softmax_sinks", experiment=EXP, sources="softmax_sinks",
+                 title="Softmax alone with one sink logit")
 def softmax_sinks(df: pd.DataFrame):
     t = _latest(df, "softmax_sinks")
     if t.empty:
@@ -168,7 +176,8 @@ def softmax_sinks(df: pd.DataFrame):
     return fig
 
 
-@register_figure("attention_sinks", experiment=EXP)
+@register_figure("attention_sinks", experiment=EXP, sources="attention_sinks",
+                 title="In-model attention sinks: error vs sink mass")
 def attention_sinks(df: pd.DataFrame):
     """Error vs the measured sink mass of in-model sinks (stage ``sinks``), one line per precision and arch."""
     t = _latest(df, "attention_sinks")
@@ -194,7 +203,8 @@ def attention_sinks(df: pd.DataFrame):
     return fig
 
 
-@register_figure("mixed_precision_training", experiment=EXP)
+@register_figure("mixed_precision_training", experiment=EXP, sources="mixed_precision_training", deck="mixed_precision",
+                 title="Mixed-precision training: validation loss per precision mode")
 def mixed_precision_training(df: pd.DataFrame):
     t = _latest(df, "mixed_precision_training")
     if t.empty:
@@ -212,7 +222,8 @@ def mixed_precision_training(df: pd.DataFrame):
     return fig
 
 
-@register_figure("guidelines", experiment=EXP)
+@register_figure("guidelines", experiment=EXP, sources="guidelines",
+                 title="Guidelines: evidence ratios")
 def guidelines(df: pd.DataFrame):
     t = _latest(df, "guidelines")
     if t.empty:
@@ -223,3 +234,149 @@ def guidelines(df: pd.DataFrame):
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="evidence ratio (>1: the guideline reduces the error)", title="guidelines")
     return fig
+
+
+# ------------------------------------------------------------------------------------- report tables
+def _latest_rows(rows: pd.DataFrame, table: str, needs: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The rows of ``table``'s most recent run, as the figures show them (empty if a column is missing)."""
+    t = select(rows, table, needs=needs)
+    return t[t["run_id"] == sorted(t["run_id"].unique())[-1]] if len(t) else t
+
+
+@register_table("depth", EXP, "Relative error of the residual stream after block L, random-init models",
+                sources="depth",
+                note="Mean over tokens unless the column says otherwise; bound = first-order worst case, "
+                     "estimate = statistical estimate.")
+def table_depth(rows):
+    t = _latest_rows(rows, "depth", ("p.arch", "p.depth"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.arch", "method", "p.depth"], columns="metric",
+              order=["measured_mean", "measured_median", "measured_p99", "measured_max", "estimate_mean",
+                     "bound_mean", "bound_median"])
+    return w.rename(columns={"p.arch": "arch", "method": "precision", "p.depth": "depth L"}), t
+
+
+def _some_layers(layers: list) -> set:
+    """First block, block 5 and a middle one, the last block, and the last index (the logits row)."""
+    picks = [0, 5, len(layers) // 2, len(layers) - 2, len(layers) - 1]
+    return {layers[i] for i in picks if 0 <= i < len(layers)}
+
+
+@register_table("depth_real", EXP, "SmolLM2-135M-Instruct: error per layer (selected layers; all in the figure)",
+                sources="depth_real",
+                note="The last layer index holds the logits row (logits_mean); a bound of — overflowed float64.")
+def table_depth_real(rows):
+    t = _latest_rows(rows, "depth_real", ("p.layer",))
+    t = t[t["p.layer"].isin(_some_layers(sorted(t["p.layer"].unique())))] if len(t) else t
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.layer"], columns="metric",
+              order=["measured_mean", "measured_median", "measured_max", "estimate_mean", "bound_mean",
+                     "logits_mean"])
+    return w.rename(columns={"method": "precision", "p.layer": "layer"}), t
+
+
+@register_table("mean_vs_median", EXP, "Per-token error distribution over tokens × initialisations",
+                sources="mean_vs_median",
+                note="token_mean_over_median is the ratio the experiment logged.")
+def table_mean_vs_median(rows):
+    t = _latest_rows(rows, "mean_vs_median", ("p.error", "p.init_gain"))
+    t = t[t["metric"].str.startswith("token_")] if len(t) else t
+    if t.empty:
+        return None
+    order = ["token_p01", "token_p25", "token_median", "token_mean", "token_p75", "token_p99", "token_max",
+             "token_mean_over_median"]
+    w = pivot(t, index=["method", "p.error", "p.init_gain"], columns="metric", order=order)
+    return w.rename(columns={"method": "precision", "p.error": "error", "p.init_gain": "init gain"}), t
+
+
+@register_table("accumulation", EXP, "Accumulation format and block size (bf16 / fp16 storage)",
+                sources="accumulation", note="block_k 0 = exact accumulation, one rounding of the sum.")
+def table_accumulation(rows):
+    t = _latest_rows(rows, "accumulation", ("p.block_k",))
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.block_k"], columns="metric",
+              order=["logits_mean", "logits_median", "gemm_local_mean"])
+    return w.rename(columns={"method": "storage/accumulator", "p.block_k": "block_k"}), t
+
+
+@register_table("op_groups", EXP, "Which op groups need precision: logits error with one group changed",
+                sources=("high_precision_ops", "low_precision_ops"))
+def table_op_groups(rows):
+    hi = _latest_rows(rows, "high_precision_ops")
+    lo = _latest_rows(rows, "low_precision_ops")
+    t = pd.concat([hi, lo])
+    t = t[t["metric"] == "logits_mean"] if len(t) else t
+    if t.empty:
+        return None
+    w = pivot(t, index=["method"], columns="table", order=["high_precision_ops", "low_precision_ops"])
+    return w.rename(columns={"method": "op group",
+                             "high_precision_ops": "bf16 model, this group in fp32",
+                             "low_precision_ops": "fp32 model, this group in bf16"}), t
+
+
+@register_table("hyper", EXP, "Hyper-parameter sweeps (GPT-2 style, bf16)", sources="hyper")
+def table_hyper(rows):
+    t = _latest_rows(rows, "hyper", ("p.value", "p.norm"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.value", "p.norm"], columns="metric",
+              order=["logits_mean", "block_mean", "block_median", "max_prob_mean", "norm_cond_max", "omega_kq",
+                     "omega_ud"])
+    return w.rename(columns={"method": "sweep", "p.value": "value", "p.norm": "norm"}), t
+
+
+@register_table("softmax_sinks", EXP, "Softmax alone, bf16, one sink logit", sources="softmax_sinks")
+def table_softmax_sinks(rows):
+    t = _latest_rows(rows, "softmax_sinks", ("p.sink_logit", "p.sink_mass"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.sink_logit", "p.sink_mass"], columns="metric",
+              order=["nonsink_comp_max", "rel_l2_mean"])
+    return w.rename(columns={"method": "evaluation", "p.sink_logit": "sink logit", "p.sink_mass": "sink mass"}), t
+
+
+@register_table("attention_sinks", EXP, "In-model attention sinks: error vs measured sink mass",
+                sources="attention_sinks",
+                note="Sink mass and logit gap as measured on the float64 reference; target 0 = control "
+                     "(massive activation, no sink).")
+def table_attention_sinks(rows):
+    t = _latest_rows(rows, "attention_sinks", ("p.arch", "p.target_mass", "p.sink_mass", "p.sink_gap"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.arch", "method", "p.target_mass", "p.sink_mass", "p.sink_gap"], columns="metric",
+              order=["logits_mean", "logits_p99", "softmax_comp_mean", "softmax_l2_mean", "attn_value_mean",
+                     "attn_value_local_mean", "estimate_logits_mean", "bound_logits_mean"])
+    return w.rename(columns={"p.arch": "arch", "method": "precision", "p.target_mass": "target",
+                             "p.sink_mass": "sink mass", "p.sink_gap": "logit gap"}), t
+
+
+@register_table("mixed_precision_training", EXP, "Mixed-precision training: final validation loss (nats/byte)",
+                sources="mixed_precision_training", deck="mixed_precision",
+                note="Tiny Llama on tinyshakespeare bytes; val_loss_mean ± SE over seeds as the experiment "
+                     "logged it, then each seed's run.")
+def table_mixed_precision(rows):
+    t = _latest_rows(rows, "mixed_precision_training", ("seed",))
+    if t.empty:
+        return None
+    mean = t[t["metric"] == "val_loss_mean"]
+    seeds = t[t["metric"] == "val_loss"]
+    w = pivot(mean, index=["method"], columns="metric", with_stderr=True)
+    w["n"] = w["method"].map(dict(zip(mean["method"], mean["n"])))
+    if len(seeds):
+        s = pivot(seeds, index=["method"], columns="seed", prefix="val_loss seed ")
+        w = w.merge(s, on="method", how="outer")
+    order = {"fp32": 0, "bf16_autocast": 1, "fp16_loss_scaling": 2}  # the baseline first, as in the deck
+    w = w.sort_values("method", key=lambda m: m.map(lambda x: (order.get(x, 9), x)))
+    return w.rename(columns={"method": "precision mode"}), t
+
+
+@register_table("guidelines", EXP, "Guidelines and the evidence ratio behind each", sources="guidelines")
+def table_guidelines(rows):
+    t = _latest_rows(rows, "guidelines")
+    if t.empty:
+        return None
+    return long(t, {"guideline": "method", "evidence": "p.evidence"}, value="ratio"), t
+

@@ -1,10 +1,12 @@
-"""Figures of the TOR experiment, drawn from the results table (registered for results/make_figures.py)."""
+"""Figures and report tables of the TOR experiment, drawn from the results table (registered for
+results/make_figures.py, which also writes results/REPORT.md)."""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
 from common.plotting import register_figure, style
+from common.report import long, pivot, register_table, select
 
 EXP = "exp_tor"
 
@@ -16,7 +18,8 @@ def _rows(df, table, *cols: str):
     return df[df["table"] == table]
 
 
-@register_figure("tor_vs_interval", experiment=EXP)
+@register_figure("tor_vs_interval", experiment=EXP, sources="tor_vs_interval",
+                 title="TOR vs checkpoint interval (closed forms)")
 def tor_vs_interval(df):
     d = _rows(df, "tor_vs_interval", "p.mtbf", "p.tau")
     if d.empty:
@@ -34,7 +37,8 @@ def tor_vs_interval(df):
     return fig
 
 
-@register_figure("tor_vs_cluster", experiment=EXP)
+@register_figure("tor_vs_cluster", experiment=EXP, sources="tor_vs_cluster",
+                 title="TOR vs cluster size at the Daly interval")
 def tor_vs_cluster(df):
     d = _rows(df, "tor_vs_cluster", "p.gpus")
     if d.empty:
@@ -48,7 +52,8 @@ def tor_vs_cluster(df):
     return fig
 
 
-@register_figure("sim_vs_closed", experiment=EXP)
+@register_figure("sim_vs_closed", experiment=EXP, sources="tor_validation",
+                 title="Simulator vs exact closed form")
 def sim_vs_closed(df):
     d = _rows(df, "tor_validation", "p.tau", "p.mtbf", "p.variant")
     if d.empty:
@@ -68,7 +73,8 @@ def sim_vs_closed(df):
     return fig
 
 
-@register_figure("harness_rt", experiment=EXP)
+@register_figure("harness_rt", experiment=EXP, sources="harness_rt",
+                 title="Harness validation job: r(t) timeline")
 def harness_rt(df):
     d = _rows(df, "harness_rt", "p.t")
     if d.empty:
@@ -81,7 +87,9 @@ def harness_rt(df):
     return fig
 
 
-@register_figure("harness_interval_sweep", experiment=EXP)
+@register_figure("harness_interval_sweep", experiment=EXP,
+                 sources=("harness_interval_sweep", "harness_interval_optimum"),
+                 title="Real fault-injected runs: TOR vs checkpoint interval")
 def harness_interval_sweep(df):
     d = _rows(df, "harness_interval_sweep", "p.checkpoint_every")
     if d.empty:
@@ -105,3 +113,143 @@ def harness_interval_sweep(df):
            title="Real fault-injected runs: TOR vs checkpoint interval")
     ax.legend(fontsize=7)
     return fig
+
+
+# ------------------------------------------------------------------------------------- report tables
+@register_table("optimal_interval", EXP, "Optimal checkpoint interval and the exact TOR there (minutes)",
+                sources="tor_optimal_interval",
+                note="M = MTBF, δ = checkpoint cost, R = repair time; Daly's worked examples and the Llama-3 rate.")
+def table_optimal_interval(rows):
+    t = select(rows, "tor_optimal_interval", needs=("p.mtbf", "p.delta", "p.repair"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.mtbf", "p.delta", "p.repair", "method"], columns="metric",
+              order=["tau_opt", "tor_exact", "tor_loss_low_30pct", "tor_loss_high_30pct"])
+    return w.rename(columns={"p.mtbf": "M", "p.delta": "δ", "p.repair": "R", "tau_opt": "τ*",
+                             "tor_exact": "exact TOR at τ*"})
+
+
+@register_table("tor_breakdown", EXP, "Where the time goes at the Daly interval: share of each stage",
+                sources="tor_breakdown")
+def table_tor_breakdown(rows):
+    t = select(rows, "tor_breakdown", needs=("p.mtbf", "p.tau", "p.stage"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.mtbf", "p.tau"], columns="p.stage", order=["useful", "checkpoint", "lost", "repair"])
+    return w.rename(columns={"p.mtbf": "M (min)", "p.tau": "τ (min)"})
+
+
+@register_table("tor_validation", EXP, "Monte Carlo simulator vs the exact closed form (TOR ± SE, z-score)",
+                sources="tor_validation")
+def table_tor_validation(rows):
+    t = select(rows, "tor_validation", needs=("p.tau", "p.mtbf", "p.variant"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.variant", "p.tau", "p.mtbf"], columns=["method", "metric"], with_stderr=True,
+              order=["closed_exact tor", "simulator tor", "simulator z_score"])
+    return w.rename(columns={"p.variant": "variant", "p.tau": "τ (min)", "p.mtbf": "M (min)"})
+
+
+@register_table("tor_robustness", EXP, "Non-exponential failures: simulated TOR (Weibull, lognormal)",
+                sources="tor_robustness")
+def table_tor_robustness(rows):
+    t = select(rows, "tor_robustness", needs=("p.shape", "p.tau", "p.mtbf"))
+    if t.empty:
+        return None
+    t = t.sort_values(["method", "p.shape", "p.mtbf", "p.tau"])
+    return long(t, {"method": "method", "shape": "p.shape", "M (min)": "p.mtbf", "τ (min)": "p.tau"},
+                value="TOR", n=True)
+
+
+@register_table("tor_fail_slow", EXP, "Fail-slow policies: closed form vs simulator", sources="tor_fail_slow")
+def table_tor_fail_slow(rows):
+    t = select(rows, "tor_fail_slow", needs=("p.policy",))
+    if t.empty:
+        return None
+    t = t.sort_values(["p.policy", "method"])
+    return long(t, {"policy": "p.policy", "method": "method", "ρ": "p.rho", "slow MTBF": "p.slow_mtbf",
+                    "D": "p.D", "P": "p.P"}, value="TOR")
+
+
+@register_table("cost_table", EXP, "Training cost per GPT size, without and with failures (the deck's cost table)",
+                sources="tor_cost_table", deck="training_costs",
+                note="Compute inputs (GPUs, peak FLOP/s, MFU, price per GPU-hour) are this project's assumptions "
+                     "(see the README), not MosaicML's; failures at Meta RSC-1's measured rate.")
+def table_cost_table(rows):
+    t = select(rows, "tor_cost_table", needs=("p.model", "p.gpus"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.model", "p.gpus"], columns="metric",
+              order=["tokens_b", "days", "cost_usd", "mtbf_h", "tor", "days_with_failures", "cost_with_failures"])
+    if "tokens_b" in w:
+        w = w.sort_values("tokens_b", kind="stable")
+    return w.rename(columns={"p.model": "model", "p.gpus": "GPUs", "tokens_b": "tokens (B)",
+                             "cost_usd": "cost (USD)", "mtbf_h": "MTBF (h)", "tor": "TOR"})
+
+
+@register_table("tor_vs_cluster", EXP, "TOR vs cluster size (Meta RSC-1 failure rate, Daly interval)",
+                sources="tor_vs_cluster")
+def table_tor_vs_cluster(rows):
+    t = select(rows, "tor_vs_cluster", needs=("p.gpus",))
+    if t.empty:
+        return None
+    t = t.sort_values("p.gpus")
+    return long(t, {"GPUs": "p.gpus", "MTBF (h)": "p.mtbf_h", "τ (s)": "p.tau_s"}, value="TOR")
+
+
+@register_table("harness_validation", EXP, "Real run (validation job): observed TOR, closed form, replay, estimates",
+                sources="harness_validation",
+                note="Times in seconds; stage_seconds rows book every second of the job to one stage.")
+def table_harness_validation(rows):
+    t = select(rows, "harness_validation")
+    if t.empty:
+        return None
+    return long(t, {"method": "method", "metric": "metric", "stage": "p.stage", "job": "p.job",
+                    "checkpoint every (steps)": "p.checkpoint_every", "MTBF (s)": "p.mtbf_s",
+                    "restart": "p.restart"})
+
+
+_SWEEP_COLUMNS = ["observed tor", "closed_form tor", "estimate T_obs", "estimate T_opt", "estimate delta",
+                  "estimate repair", "estimate mtbf_uptime", "estimate tau"]
+
+
+@register_table("harness_interval_sweep", EXP, "Real runs: TOR per checkpoint interval and fault seed",
+                sources="harness_interval_sweep",
+                note="One row per run (no averaging over seeds here; the figure shows the mean).")
+def table_harness_interval_sweep(rows):
+    t = select(rows, "harness_interval_sweep", needs=("p.checkpoint_every", "p.fault_seed"))
+    t = t[t["p.fault_seed"].notna() & (t["metric"] != "stage_seconds")] if len(t) else t
+    if t.empty:
+        return None
+    w = pivot(t, index=["p.checkpoint_every", "p.fault_seed"], columns=["method", "metric"], order=_SWEEP_COLUMNS)
+    return w.rename(columns={"p.checkpoint_every": "checkpoint every (steps)", "p.fault_seed": "fault seed"})
+
+
+@register_table("harness_prediction", EXP, "Real runs: predicted TOR per interval from pooled estimates",
+                sources="harness_interval_sweep")
+def table_harness_prediction(rows):
+    t = select(rows, "harness_interval_sweep", method="predicted_pooled", needs=("p.checkpoint_every",))
+    if t.empty:
+        return None
+    t = t.sort_values("p.checkpoint_every")
+    return long(t, {"checkpoint every (steps)": "p.checkpoint_every", "MTBF (s)": "p.mtbf_s"},
+                value="predicted TOR"), t
+
+
+@register_table("harness_interval_optimum", EXP, "Real runs: predicted vs empirical optimal interval",
+                sources="harness_interval_optimum")
+def table_harness_interval_optimum(rows):
+    t = select(rows, "harness_interval_optimum")
+    if t.empty:
+        return None
+    return long(t, {"method": "method", "metric": "metric", "δ (s)": "p.delta", "R (s)": "p.repair",
+                    "step (s)": "p.t_step", "MTBF (s)": "p.mtbf_s", "fault seeds": "p.n_fault_seeds"}, n=True)
+
+
+@register_table("tor_bench", EXP, "Simulator speed: vectorised vs a Python per-event loop", sources="tor_bench")
+def table_tor_bench(rows):
+    t = select(rows, "tor_bench")
+    if t.empty:
+        return None
+    return long(t, {"method": "method", "metric": "metric", "M": "p.mtbf", "τ": "p.tau", "δ": "p.delta",
+                    "R": "p.repair"}, n=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from common.plotting import FIGURES, register_figure
-from common.results import Run
+from common.report import build_report
+from common.results import Run, latest_rows, load_results
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 
@@ -38,9 +39,15 @@ def test_registered_figure_is_drawn_from_rows(tmp_path, monkeypatch):
         run = Run("exp_toy", root=tmp_path)
         for x in range(3):
             run.log(table="fig", method="m", metric="y", value=x * x, params={"x": x})
-        assert mf.main(["--results-dir", str(tmp_path)]) == 0
+        assert mf.main(["--results-dir", str(tmp_path), "--only", "exp_toy"]) == 0
         png = tmp_path / "figures" / "exp_toy" / "toy_curve.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+        assert not (tmp_path / "REPORT.md").exists()  # --only redraws figures, never a partial report
+        assert mf.main(["--results-dir", str(tmp_path)]) == 0
+        report = (tmp_path / "REPORT.md").read_text()
+        assert "![toy curve](figures/exp_toy/toy_curve.png)" in report
+        assert f"run `{run.run_id}`" in report and "Source: `fig`" in report
+        assert report == build_report(latest_rows(load_results(tmp_path)), {"exp_toy/toy_curve": "written"})
     finally:
         FIGURES.pop("exp_toy/toy_curve", None)
 
