@@ -109,7 +109,7 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
 
     tcfg = TrainConfig(max_steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], warmup_steps=10,
                        checkpoint_every=cfg["checkpoint_every"], keep_checkpoints=2, log_every=10**9,
-                       seed=cfg["seed"], cpu=True)
+                       seed=cfg["seed"], cpu=True, log_with="none")  # no tracker: it would add to the overhead measured
     res = train(model, dataset, tcfg, run / "checkpoints", collate_fn=collate, callbacks=[on_event])
     log("train_end", step=res.step, loss=res.final_loss, weights_sha256=weights_sha256(model))
 
