@@ -88,7 +88,7 @@ def _dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clean
 
 
-def _load_offline_causal_lm(alias: str, dtype: torch.dtype):
+def _load_offline_causal_lm(alias: str, dtype: torch.dtype, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = OFFLINE_MODELS[alias]
@@ -113,7 +113,7 @@ def _load_offline_causal_lm(alias: str, dtype: torch.dtype):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     tok = _finish_tokenizer(AutoTokenizer.from_pretrained(cached), spec.eos_token)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)  # e.g. attn_implementation
     if spec.eos_token is not None:
         eos_id = tok.convert_tokens_to_ids(spec.eos_token)
         model.generation_config.eos_token_id = eos_id
@@ -126,7 +126,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **kwar
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path in OFFLINE_MODELS:
-        return _load_offline_causal_lm(name_or_path, dtype)
+        return _load_offline_causal_lm(name_or_path, dtype, **kwargs)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -148,7 +148,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **kwar
         if alias is not None:
             log.warning("hub model %s unavailable (%s); using the offline package copy '%s'",
                         name_or_path, type(exc).__name__, alias)
-            return _load_offline_causal_lm(alias, dtype)
+            return _load_offline_causal_lm(alias, dtype, **kwargs)
         raise ModelNotAvailableError(
             f"cannot load model '{name_or_path}': not an offline alias ({', '.join(OFFLINE_MODELS)}), "
             f"not a local folder/.gguf file, and the hub "
