@@ -170,7 +170,7 @@ def parse_config(
     module (and child process) resolves the same roots.
     """
     parser = parser or make_parser(description)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before or after options
     try:
         if args.data_dir is not None:
             data_dir = Path(args.data_dir).expanduser()

@@ -409,11 +409,14 @@ def run_experiment(experiment: str, config_cls: type, stages: Sequence[Stage], a
         config_dir = Path(sys.modules[config_cls.__module__].__file__).parent / "configs"
     parser = build_parser(doc, pipeline.names)
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = parser.parse_known_args(argv)
+    pre, _ = parser.parse_known_intermixed_args(argv)
     if pre.stage is not None:  # the alias becomes an ordinary override, validated like any other
         names = [s.strip() for s in pre.stage.split(",") if s.strip()]
         argv = [*argv, f"stages=[{','.join(names)}]"]
-    cfg, args = parse_config(config_cls, config_dir=config_dir, argv=argv, parser=parser)
+    try:
+        cfg, args = parse_config(config_cls, config_dir=config_dir, argv=argv, parser=parser)
+    except SystemExit as exc:  # config errors (exit 2, message printed) and --help (exit 0)
+        return int(exc.code or 0)
     unknown = [s for s in cfg.stages if s not in pipeline.stages]
     if unknown or not cfg.stages:
         src = "--stage" if pre.stage is not None else "key 'stages'"
@@ -432,7 +435,8 @@ def run_experiment(experiment: str, config_cls: type, stages: Sequence[Stage], a
         for name in pipeline.names:
             d = pipeline.stage_dir(name, cfg, cfg_dict)
             state = "complete" if pipeline.is_complete(d) else "missing"
-            print(f"{name:16s} {state:9s} {paths.repo_relative(d)}")
+            shown = paths.repo_relative(d) if d.is_relative_to(paths.REPO_ROOT) else str(d)
+            print(f"{name:16s} {state:9s} {shown}")
         return 0
     try:
         if setup is not None:

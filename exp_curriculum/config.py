@@ -1,4 +1,5 @@
-"""Config dataclasses of exp_curriculum (profiles: configs/quick.yaml, configs/paper.yaml)."""
+"""Config dataclasses of exp_curriculum. The defaults are the CPU (quick) settings; the profiles
+``configs/quick.yaml`` and ``configs/paper.yaml`` hold only the values that differ from them."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ class ModelScoreConfig:
     docs_per_language: int = 32            # ASK-LLM + perplexity are scored on a seeded sample
     max_doc_tokens: int = 192
     batch_size: int = 4
-    threads: int = 2
 
 
 @dataclass
@@ -44,12 +44,17 @@ class DiversityConfig:
     finetune_epochs: int = 1
 
 
+STAGE_NAMES = ["metrics", "dedup", "model_scores", "diversity", "summary"]
+
+
 @dataclass
 class Config:
-    stage: str = "score"
     seed: int = 0
-    num_proc: int = 2
-    output_dir: str = "outputs/exp_curriculum"
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
+    outputs_dir: str = ""       # root of the stage folders ("" = $LLM4ALL_OUTPUTS or <repo>/outputs)
+    # machine resources, not hash keys of any stage: changing them reuses the stages' outputs
+    num_proc: int = 2           # worker processes of the metrics stage
+    threads: int = 2            # torch threads of the dedup (MiniLM), model_scores and diversity stages
     n_length_buckets: int = 8
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
@@ -59,11 +64,8 @@ class Config:
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
 
     def validate(self) -> None:
-        if self.stage != "score":
-            raise ValueError(f"stage must be 'score' (the curriculum training stage is a later issue), got "
-                             f"'{self.stage}'")
-        if self.num_proc < 1:
-            raise ValueError("num_proc must be >= 1")
+        if self.num_proc < 1 or self.threads < 1:
+            raise ValueError("num_proc and threads must be >= 1")
         self.corpus.validate()
         self.minhash.validate()
         if not 0 < self.semdedup.eps < 1 or not 0 < self.semdedup.d4_keep_fraction <= 1:

@@ -1,19 +1,30 @@
-"""Score the local EN/FR corpora: per-document metrics (parquet), summary rows, duplicates per method.
+"""Score the local EN/FR corpora in stages on disk: per-document metrics, duplicates, model scores,
+diversity coefficients, then a summary that logs the rows and writes the combined per-document scores.
 
-    python exp_curriculum/run.py --stage score --profile quick
+    python exp_curriculum/run.py --profile quick                   # every stage; complete ones are skipped
+    python exp_curriculum/run.py --profile quick --stage summary   # the rows again, from the stages' outputs
+    python exp_curriculum/run.py --profile quick --list-stages     # each stage's folder and state
+
+Outputs, one folder per stage and config hash (<outputs>/exp_curriculum/<stage>/<hash>/):
+  metrics       metrics.parquet: id, text, source, genre, language, sizes and every model-free metric
+  dedup         dedup.parquet: minhash_keep; semdedup_keep, d4_keep, density, density_pick on the embedded
+                sample (NaN elsewhere); embeddings.npy + embedded_idx.npy (MiniLM); dedup.json (counts)
+  model_scores  model_scores.parquet: askllm, lm_nll, lm_bits_per_byte on a seeded sample (NaN elsewhere)
+  diversity     diversity.json: Task2Vec diversity coefficient per language x genre and per language
+  summary       scores.parquet: every per-document column except the text (join it from metrics.parquet)
+Every parquet holds the rows of metrics.parquet in the same order, with its `id` column. A disabled part
+(`semdedup.enabled=false`, `model_scores.enabled=false`, `diversity.enabled=false`) writes a marker saying so.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.config import default_data_dir, make_parser, parse_config, to_dict
-from common.results import Run
+from common import paths
+from common.stages import Stage, StageContext, StageInputError, run_experiment
 from exp_curriculum.config import Config
 from exp_curriculum.corpus import load_corpus
 from exp_curriculum.diversity import diversity_coefficient, make_batches
@@ -21,25 +32,76 @@ from exp_curriculum.metrics import perplexity, score_dataset
 from exp_curriculum.quality import askllm_scores, density_sample, kernel_density
 from exp_curriculum.selection import d4_select, minhash_dedup, semdedup
 
+EXP = "exp_curriculum"
 SUMMARY_METRICS = ["char1_bits_per_char", "char1_mm_bits_per_char", "char3_bits_per_char",
                    "word1_bits_per_token", "deflate_bits_per_byte", "zstd_bits_per_byte", "lzma_bits_per_byte",
                    "deflate_ratio_lennorm", "ttr", "root_ttr", "mtld", "hdd", "vocd", "fre", "fkgl"]
+EXTRA_METRICS = ["askllm", "lm_bits_per_byte", "density"]   # summarised when their stage produced them
 
 
-def semantic_dedup(df: pd.DataFrame, cfg: Config) -> dict[str, np.ndarray]:
+# ---------------------------------------------------------------------------------- helpers
+def read_parquet(ctx: StageContext, stage: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A parquet file written by input stage ``stage``."""
+    p = ctx.input(stage) / name
+    try:
+        return pd.read_parquet(p, columns=columns)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise StageInputError(f"cannot read {paths.repo_relative(p)} (output of stage '{stage}'): {exc}. "
+                              f"Rerun it with --stage {stage} --force") from None
+
+
+def _full(n: int, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A length-n float column holding ``values`` at ``idx`` and NaN elsewhere."""
+    col = np.full(n, np.nan)
+    col[idx] = values
+    return col
+
+
+def _join(df: pd.DataFrame, extra: pd.DataFrame, stage: str) -> None:
+    """Add the columns of a per-document stage output to ``df`` (same rows, same order)."""
+    if len(extra) != len(df) or not (extra["id"].to_numpy() == df["id"].to_numpy()).all():
+        raise StageInputError(f"the documents of stage '{stage}' do not match metrics.parquet: "
+                              f"rerun it with --stage {stage} --force")
+    for c in extra.columns:
+        if c != "id":
+            df[c] = extra[c].to_numpy()
+
+
+def load_documents(cfg: Config):
+    """The corpus from the offline data root; a missing root or text folder is the user's error (exit 2)."""
+    from common.data import DatasetNotAvailableError, DataValidationError, data_root
+
+    root = data_root()
+    if not (root / "text").is_dir():
+        raise DatasetNotAvailableError(f"no text folder in the data root {root}: set LLM4ALL_DATA or pass "
+                                       "--data-dir (the folder holding text/en, text/fr)")
+    try:
+        return load_corpus(root, cfg.corpus)
+    except FileNotFoundError as exc:
+        raise DatasetNotAvailableError(str(exc)) from None
+    except ValueError as exc:  # load_corpus names the file and line of a malformed row
+        raise DataValidationError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------- computations
+def semantic_dedup(texts: list[str], cfg: Config) -> dict[str, np.ndarray]:
+    """SemDeDup, D4 and Density on MiniLM embeddings of a seeded sample of the documents."""
+    import torch
+
     from common.models import encode_texts, load_encoder
 
+    torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    idx = rng.permutation(len(df))
+    idx = rng.permutation(len(texts))
     if cfg.semdedup.max_docs:
         idx = np.sort(idx[: cfg.semdedup.max_docs])
     model, tok = load_encoder("all-minilm-l6-v2")
-    emb = encode_texts(model, tok, df["text"].iloc[idx].tolist(), max_length=cfg.semdedup.max_length).numpy()
+    emb = encode_texts(model, tok, [texts[i] for i in idx], max_length=cfg.semdedup.max_length).numpy()
     s = cfg.semdedup
     dens = kernel_density(emb, cfg.density.bandwidth)
     picked = np.zeros(len(idx), dtype=bool)
     picked[density_sample(dens, max(1, int(cfg.density.sample_fraction * len(idx))), cfg.seed)] = True
-    return {"idx": idx, "semdedup": semdedup(emb, s.n_clusters, s.eps, cfg.seed),
+    return {"idx": idx, "emb": emb, "semdedup": semdedup(emb, s.n_clusters, s.eps, cfg.seed),
             "d4": d4_select(emb, s.n_clusters, s.eps, s.d4_keep_fraction, cfg.seed),
             "density": dens, "density_pick": picked}
 
@@ -50,7 +112,7 @@ def model_scores(df: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, dict[str, n
 
     from common.models import load_causal_lm
 
-    torch.set_num_threads(cfg.model_scores.threads)
+    torch.set_num_threads(cfg.threads)
     m = cfg.model_scores
     rng = np.random.default_rng(cfg.seed)
     idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(df["language"] == lg),
@@ -70,7 +132,7 @@ def diversity_by_corpus(df: pd.DataFrame, cfg: Config) -> dict[str, dict[str, fl
 
     from common.models import load_causal_lm
 
-    torch.set_num_threads(cfg.model_scores.threads)
+    torch.set_num_threads(cfg.threads)
     d = cfg.diversity
     probe, tok = load_causal_lm(d.probe)
     groups = {f"{lg}/{ge}": g for (lg, ge), g in df.groupby(["language", "genre"])}
@@ -88,94 +150,162 @@ def diversity_by_corpus(df: pd.DataFrame, cfg: Config) -> dict[str, dict[str, fl
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(__doc__)
-    parser.add_argument("--stage", default=None, help="only 'score' exists (same as stage=score)")
-    cfg, args = parse_config(Config, Path(__file__).parent / "configs", argv=argv, parser=parser)
-    assert isinstance(args, argparse.Namespace)
-    if args.stage not in (None, "score"):
-        parser.error(f"--stage {args.stage}: only 'score' is implemented")
-    data = default_data_dir()
-    if data is None:
-        raise SystemExit("no data folder: pass --data-dir or set LLM4ALL_DATA")
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = Run("exp_curriculum", config=to_dict(cfg), seed=cfg.seed, profile=args.profile_name)
-
-    t0 = time.time()
-    ds = load_corpus(data, cfg.corpus)
-    scored = score_dataset(ds, num_proc=cfg.num_proc, n_buckets=cfg.n_length_buckets)
-    t_metrics = time.time() - t0
+# ---------------------------------------------------------------------------------- stages
+# Each stage records its own compute time ("seconds" in its JSON) for the curriculum_runtime row.
+def stage_metrics(ctx: StageContext) -> None:
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    scored = score_dataset(load_documents(cfg), num_proc=cfg.num_proc, n_buckets=cfg.n_length_buckets)
     df = scored.to_pandas()
+    if not df["id"].is_unique:  # later stages and part 2 re-join on it
+        raise RuntimeError("document ids are not unique")
+    df.to_parquet(ctx.path("metrics.parquet"))
+    seconds = time.perf_counter() - t0
+    ctx.save_json("metrics.json", {"n_docs": len(df), "mb": float(df["n_bytes"].sum() / 1e6), "seconds": seconds,
+                                   "docs_per_language": df["language"].value_counts().sort_index().to_dict()})
+    print(f"metrics: {len(df)} documents ({df['n_bytes'].sum() / 1e6:.1f} MB) in {seconds:.0f} s")
 
-    keep_mh, pairs = minhash_dedup(df["text"].tolist(), cfg.minhash)
-    df["minhash_keep"] = keep_mh
-    dups = {"minhash": int((~keep_mh).sum())}
+
+def stage_dedup(ctx: StageContext) -> None:
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    df = read_parquet(ctx, "metrics", "metrics.parquet", columns=["id", "text"])
+    texts = df["text"].tolist()
+    keep_mh, _pairs = minhash_dedup(texts, cfg.minhash)
+    out = pd.DataFrame({"id": df["id"], "minhash_keep": keep_mh})
+    removed = [{"method": "minhash", "removed": int((~keep_mh).sum()), "n": len(df),
+                "threshold": cfg.minhash.threshold}]
     if cfg.semdedup.enabled:
-        sem = semantic_dedup(df, cfg)
+        sem = semantic_dedup(texts, cfg)
+        idx = sem["idx"]
         for name in ("semdedup", "d4"):
-            col = np.full(len(df), np.nan)
-            col[sem["idx"]] = sem[name]
-            df[f"{name}_keep"] = col
+            out[f"{name}_keep"] = _full(len(df), idx, sem[name])
         for name in ("density", "density_pick"):
-            col = np.full(len(df), np.nan)
-            col[sem["idx"]] = sem[name]
-            df[name] = col
-        dups["semdedup"] = int((~sem["semdedup"]).sum())
-        dups["d4_removed"] = int((~sem["d4"]).sum())
-    if cfg.model_scores.enabled:
-        idx, cols = model_scores(df, cfg)
-        for name, vals in cols.items():
-            col = np.full(len(df), np.nan)
-            col[idx] = vals
-            df[name] = col
-    divs = diversity_by_corpus(df, cfg) if cfg.diversity.enabled else {}
-    df.drop(columns=["text"]).to_parquet(out_dir / "scores.parquet")
-    elapsed = time.time() - t0
+            out[name] = _full(len(df), idx, sem[name])
+        np.save(ctx.path("embeddings.npy"), sem["emb"])
+        np.save(ctx.path("embedded_idx.npy"), idx)
+        removed += [{"method": "semdedup", "removed": int((~sem["semdedup"]).sum()), "n": len(idx),
+                     "threshold": cfg.semdedup.eps},
+                    {"method": "d4_removed", "removed": int((~sem["d4"]).sum()), "n": len(idx),
+                     "threshold": cfg.semdedup.eps}]
+    out.to_parquet(ctx.path("dedup.parquet"))
+    ctx.save_json("dedup.json", {"semdedup_enabled": cfg.semdedup.enabled, "removed": removed,
+                                 "seconds": time.perf_counter() - t0})
+    print("dedup: removed " + ", ".join(f"{r['method']} {r['removed']}/{r['n']}" for r in removed))
 
+
+def stage_model_scores(ctx: StageContext) -> None:
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    info: dict = {"enabled": cfg.model_scores.enabled}
+    if cfg.model_scores.enabled:
+        df = read_parquet(ctx, "metrics", "metrics.parquet", columns=["id", "text", "language"])
+        idx, cols = model_scores(df, cfg)
+        out = pd.DataFrame({"id": df["id"]})
+        for name, vals in cols.items():
+            out[name] = _full(len(df), idx, vals)
+        out.to_parquet(ctx.path("model_scores.parquet"))
+        info["n_scored"] = len(idx)
+        print(f"model_scores: ASK-LLM + perplexity on {len(idx)} documents")
+    else:
+        print("model_scores: disabled (model_scores.enabled=false)")
+    ctx.save_json("model_scores.json", {**info, "seconds": time.perf_counter() - t0})
+
+
+def stage_diversity(ctx: StageContext) -> None:
+    t0 = time.perf_counter()
+    cfg, d = ctx.cfg, ctx.cfg.diversity
+    groups: dict[str, dict[str, float]] = {}
+    if d.enabled:
+        df = read_parquet(ctx, "metrics", "metrics.parquet", columns=["text", "language", "genre"])
+        groups = diversity_by_corpus(df, cfg)
+        for name, r in groups.items():
+            print(f"diversity coefficient {name}: {r['div_coeff']:.4f} ± {r['ci95']:.4f}")
+    else:
+        print("diversity: disabled (diversity.enabled=false)")
+    ctx.save_json("diversity.json", {"enabled": d.enabled, "probe": d.probe, "batch_size": d.batch_size,
+                                     "seq_len": d.seq_len, "groups": groups, "seconds": time.perf_counter() - t0})
+
+
+def stage_summary(ctx: StageContext) -> None:
+    """Combine the per-document outputs into scores.parquet and log every row of the results table."""
+    t0 = time.perf_counter()
+    df = read_parquet(ctx, "metrics", "metrics.parquet")
+    meta = ctx.load_json("metrics", "metrics.json")
+    dedup = ctx.load_json("dedup", "dedup.json")
+    _join(df, read_parquet(ctx, "dedup", "dedup.parquet"), "dedup")
+    ms = ctx.load_json("model_scores", "model_scores.json")
+    if ms["enabled"]:
+        _join(df, read_parquet(ctx, "model_scores", "model_scores.parquet"), "model_scores")
+    div = ctx.load_json("diversity", "diversity.json")
+    df.drop(columns=["text"]).to_parquet(ctx.path("scores.parquet"))
+    # compute time behind these scores: the input stages' own times (also when they ran in an earlier
+    # process) plus this stage's so far; per-stage wall times are in the stage_time table
+    elapsed = meta["seconds"] + dedup["seconds"] + ms["seconds"] + div["seconds"] + time.perf_counter() - t0
+    log_rows(ctx, df, dedup["removed"], div)
+    ctx.log(table="curriculum_runtime", method="score_stage", metric="seconds", value=elapsed, n=len(df),
+            params={"mb": float(df["n_bytes"].sum() / 1e6), "metrics_seconds": meta["seconds"]})
+    print(f"summary: {len(df)} documents ({df['n_bytes'].sum() / 1e6:.1f} MB) scored in {elapsed:.0f} s "
+          f"(metrics {meta['seconds']:.0f} s); duplicates: { {r['method']: r['removed'] for r in dedup['removed']} }; "
+          f"{len(ctx.rows)} rows")
+
+
+def log_rows(ctx: StageContext, df: pd.DataFrame, removed: list[dict], div: dict) -> None:
+    """Tables curriculum_scores, curriculum_diversity, curriculum_corr and curriculum_dedup."""
     for (lang, genre), g in df.groupby(["language", "genre"]):
         for m in SUMMARY_METRICS:
             v = g[m].replace([np.inf, -np.inf], np.nan).dropna()
             if len(v):
                 for q in (0.1, 0.5, 0.9):
-                    run.log(table="curriculum_scores", method=m, metric=f"q{int(q * 100)}",
+                    ctx.log(table="curriculum_scores", method=m, metric=f"q{int(q * 100)}",
                             value=float(v.quantile(q)), n=len(v), params={"language": lang, "genre": genre})
-                run.log(table="curriculum_scores", method=m, metric="mean", value=float(v.mean()),
+                ctx.log(table="curriculum_scores", method=m, metric="mean", value=float(v.mean()),
                         stderr=float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None, n=len(v),
                         params={"language": lang, "genre": genre})
-    extra_cols = [c for c in ("askllm", "lm_bits_per_byte", "density") if c in df]
+    extra_cols = [c for c in EXTRA_METRICS if c in df]
     for (lang, genre), g in df.groupby(["language", "genre"]):
         for m in extra_cols:
             v = g[m].dropna()
             if len(v):
-                run.log(table="curriculum_scores", method=m, metric="mean", value=float(v.mean()), n=len(v),
+                ctx.log(table="curriculum_scores", method=m, metric="mean", value=float(v.mean()), n=len(v),
                         stderr=float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None,
                         params={"language": lang, "genre": genre})
-    for name, r in divs.items():
+    for name, r in div["groups"].items():
         lang, corpus = name.split("/")
-        run.log(table="curriculum_diversity", method="task2vec", metric="div_coeff", value=r["div_coeff"],
+        ctx.log(table="curriculum_diversity", method="task2vec", metric="div_coeff", value=r["div_coeff"],
                 stderr=r["ci95"] / 1.96, n=int(r["n_pairs"]),
-                params={"language": lang, "corpus": corpus, "probe": cfg.diversity.probe,
-                        "batch_size": cfg.diversity.batch_size, "seq_len": cfg.diversity.seq_len})
+                params={"language": lang, "corpus": corpus, "probe": div["probe"],
+                        "batch_size": div["batch_size"], "seq_len": div["seq_len"]})
     summary = SUMMARY_METRICS + extra_cols
     corr = df[summary].replace([np.inf, -np.inf], np.nan).corr(method="spearman")
     for a in summary:
         for b in summary:
             if np.isfinite(corr.loc[a, b]):
-                run.log(table="curriculum_corr", method=a, metric=b, value=float(corr.loc[a, b]),
+                ctx.log(table="curriculum_corr", method=a, metric=b, value=float(corr.loc[a, b]),
                         n=int(df[[a, b]].dropna().shape[0]))
-    for name, count in dups.items():
-        n = len(df) if name == "minhash" else min(len(df), cfg.semdedup.max_docs or len(df))
-        run.log(table="curriculum_dedup", method=name, metric="removed", value=int(count), n=n,
-                params={"threshold": cfg.minhash.threshold if name == "minhash" else cfg.semdedup.eps})
-    run.log(table="curriculum_runtime", method="score_stage", metric="seconds", value=elapsed, n=len(df),
-            params={"mb": float(df["n_bytes"].sum() / 1e6), "metrics_seconds": t_metrics})
-    run.finish()
-    print(f"scored {len(df)} documents ({df['n_bytes'].sum() / 1e6:.1f} MB) in {elapsed:.0f}s "
-          f"(metrics {t_metrics:.0f}s); duplicates: {dups}; scores -> {out_dir / 'scores.parquet'}")
-    for name, r in divs.items():
-        print(f"diversity coefficient {name}: {r['div_coeff']:.4f} ± {r['ci95']:.4f}")
+    for r in removed:
+        ctx.log(table="curriculum_dedup", method=r["method"], metric="removed", value=r["removed"], n=r["n"],
+                params={"threshold": r["threshold"]})
+
+
+# num_proc and threads are resources, not hash keys: changing them reuses the outputs
+STAGES = [
+    Stage("metrics", stage_metrics, config_keys=("corpus", "n_length_buckets"),
+          description="corpus -> per-document model-free metrics"),
+    Stage("dedup", stage_dedup, config_keys=("seed", "minhash", "semdedup", "density"), inputs=("metrics",),
+          description="MinHash-LSH; SemDeDup, D4 and Density on MiniLM embeddings"),
+    Stage("model_scores", stage_model_scores, config_keys=("seed", "model_scores"), inputs=("metrics",),
+          description="ASK-LLM and LM perplexity on a seeded sample"),
+    Stage("diversity", stage_diversity, config_keys=("seed", "diversity"), inputs=("metrics",),
+          description="Task2Vec diversity coefficient per corpus"),
+    Stage("summary", stage_summary, inputs=("metrics", "dedup", "model_scores", "diversity"),
+          description="scores.parquet and the results-table rows"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_experiment(EXP, Config, STAGES, argv=argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
