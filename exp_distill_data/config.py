@@ -1,0 +1,108 @@
+"""Config of exp_distill_data (profiles: configs/quick.yaml, configs/small.yaml, configs/paper.yaml).
+
+Every default here is the CPU `quick` size unless the comment says otherwise; profiles hold only what
+they change (README "Adding an experiment").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exp_distill_data.source import SourceConfig
+
+STAGES = ("data", "source", "base_eval", "less_warmup", "less_features", "less_select", "train", "evaluate",
+          "table")
+METHODS = ("full", "random", "less")
+OFFLINE_SOURCE = "opt_local"   # the OPT-architecture source pretrained by the `source` stage
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["arc_easy", "mmlu_auxiliary_train"])
+    extra_pools: list[str] = field(default_factory=list)     # e.g. [alpaca, lima]: optional instruction pools
+    mmlu_aux_limit: int = 400          # seeded subsample of MMLU auxiliary_train (99,842 questions in all)
+    arc_limit: int = 400               # seeded subsample of ARC-Easy train (2,251); 0 = all
+    ngram: int = 13                    # decontamination n-gram length (words)
+    val_per_subtask: int = 5           # LESS target examples per subtask (ARC-Easy dev; MMLU dev per subject)
+    val_subjects: int = 8              # MMLU subjects used as LESS subtasks (0 = all 57)
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning (``common.sft.SFTConfig``) of every trained model. LESS's paper settings (r 128,
+    alpha 512, dropout 0.1, lr 2e-5, 4 epochs, warm-up 3 %, linear) are the paper profile's; the CPU
+    default trains a small adapter with a larger learning rate for few steps."""
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    lr: float = 3e-4
+    epochs: float = 2.0
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "linear"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 256
+    mixed_precision: str = "fp32"
+    # the training prompt is the evaluation prompt itself ("Question: ...\nAnswer:" -> " answer"):
+    # a raw template, not a chat template, so that the fine-tune teaches the format lm-eval scores
+    template: str = "plain"
+    plain_template: str = "{instruction}"
+
+
+@dataclass
+class LessConfig:
+    warmup_fraction: float = 0.05      # LESS: LoRA warm-up on a random 5 % of the pool
+    warmup_epochs: int = 2             # one feature checkpoint per epoch (LESS: 4)
+    proj_dim: int = 512                # LESS: 8192
+    max_len: int = 256
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "mmlu"])
+    arc_questions: int = 100           # stratified, fixed-seed subsample of ARC-Easy test (2,376); 0 = all
+    mmlu_questions: int = 114          # stratified by subject of MMLU test (14,042); 0 = all
+    mmlu_shots: list[int] = field(default_factory=lambda: [0])
+    subsample_seed: int = 1234
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    outputs_dir: str = ""
+    threads: int = 2
+    # (selector -> trainer) pairs: the model whose gradients LESS uses and the model fine-tuned on the
+    # selected data. opt_local = the OPT source pretrained offline; any hub ID or local path works too.
+    settings: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct->smollm2-135m-instruct",
+                                                         "opt_local->smollm2-135m-instruct"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    budgets: list[float] = field(default_factory=lambda: [0.05])   # < 1: fraction of the pool; >= 1: count
+    seeds: list[int] = field(default_factory=lambda: [0])           # random subsets and fine-tune seeds
+    data: DataConfig = field(default_factory=DataConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)   # exp_distill_data.source
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    less: LessConfig = field(default_factory=LessConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for s in self.settings:
+            if s.count("->") != 1 or not all(part.strip() for part in s.split("->")):
+                raise ValueError(f"settings: '{s}' must look like 'selector->trainer'")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"methods: unknown {bad}; known: {list(METHODS)}")
+        if any(b <= 0 for b in self.budgets):
+            raise ValueError(f"budgets must be > 0 (fractions < 1 or counts >= 1), got {self.budgets}")
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed")
+        if not 0 < self.less.warmup_fraction <= 1:
+            raise ValueError("less.warmup_fraction must be in (0, 1]")
+        if self.finetune.method not in ("lora", "full"):
+            raise ValueError(f"finetune.method must be lora|full, got {self.finetune.method!r}")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [tuple(p.strip() for p in s.split("->")) for s in self.settings]  # type: ignore[misc]

@@ -1,0 +1,409 @@
+"""Instruction-data distillation vs selection (Yao et al., arXiv 2504.09818), part 1: data, source and target
+models, LoRA fine-tuning, and the full / random / LESS baselines at equal budget on ARC-Easy and MMLU.
+
+    accelerate launch exp_distill_data/run.py                      # = --profile quick (a smoke test)
+    python exp_distill_data/run.py --profile small                 # the committed CPU table
+    accelerate launch --multi_gpu --num_processes 2 exp_distill_data/run.py --profile quick
+    python exp_distill_data/run.py --profile paper                 # OPT-1.3B -> Llama by hub IDs (GPU)
+    python exp_distill_data/run.py --stage less_select budgets=[0.01,0.05]   # later stages read from disk
+
+Stages (LESS's own order, each with its outputs on disk under outputs/exp_distill_data/<stage>/<hash>/):
+data (pool, decontamination, LESS validation) -> source (OPT pretrained offline) -> base_eval ->
+less_warmup -> less_features -> less_select -> train (every method x budget x seed) -> evaluate -> table.
+The trajectory-matching distillation itself is part 2 (issue 13).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.stages import Stage, StageContext, run_experiment
+from exp_distill_data.config import OFFLINE_SOURCE, Config
+
+EXP = "exp_distill_data"
+MAIN_TABLE = "distill_main"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def model_ref(name: str, ctx: StageContext) -> str:
+    """A setting's model name -> what common.models.load_causal_lm takes (the offline source's folder)."""
+    if name != OFFLINE_SOURCE:
+        return name
+    info = json.loads((ctx.input("source") / "source.json").read_text(encoding="utf-8"))
+    return str(ctx.input("source") / "model") if not ctx.cfg.source.hub_id else info["model"]
+
+
+def load_model(name: str, ctx: StageContext, eager: bool = False):
+    from common.models import load_causal_lm
+
+    kw = {"attn_implementation": "eager"} if eager else {}
+    model, tok = load_causal_lm(model_ref(name, ctx), **kw)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tok
+
+
+def sft_config(cfg: Config, seed: int, n_examples: int | None = None, **changes: Any):
+    """The fine-tuning config of every trained model (``n_examples``: a batch never larger than the set)."""
+    from common.sft import SFTConfig
+
+    f = cfg.finetune
+    batch = min(f.batch_size, n_examples) if n_examples else f.batch_size
+    base = dict(method=f.method, r=f.r, alpha=f.alpha, dropout=f.dropout, lr=f.lr, epochs=f.epochs,
+                warmup_ratio=f.warmup_ratio, lr_schedule=f.lr_schedule, batch_size=batch,
+                grad_accum=f.grad_accum, max_len=f.max_len, mixed_precision=f.mixed_precision,
+                template=f.template, plain_template=f.plain_template, plain_template_input=f.plain_template,
+                log_with="none", seed=seed, checkpoint_every=25, keep_checkpoints=1)
+    base.update(changes)
+    return SFTConfig(**base)
+
+
+def budget_size(b: float, pool_size: int) -> int:
+    return max(1, int(b * pool_size)) if b < 1 else min(pool_size, int(b))
+
+
+def load_pool(ctx: StageContext) -> tuple[list[dict], dict[str, list[dict]]]:
+    folder = ctx.input("data")
+    return read_jsonl(folder / "pool.jsonl"), json.loads((folder / "validation.json").read_text(encoding="utf-8"))
+
+
+def selectors(cfg: Config) -> list[str]:
+    return sorted({s for s, _ in cfg.pairs()})
+
+
+def trainers(cfg: Config) -> list[str]:
+    return sorted({t for _, t in cfg.pairs()})
+
+
+# ---------------------------------------------------------------------------------------- stage: data
+def stage_data(ctx: StageContext) -> None:
+    from common.data import mmlu_subjects
+    from exp_distill_data import data
+
+    cfg, d = ctx.cfg, ctx.cfg.data
+    pool = data.build_pool([*d.sources, *d.extra_pools], mmlu_aux_limit=d.mmlu_aux_limit or None, seed=cfg.seed,
+                           prompt_format="eval")
+    if d.arc_limit:  # seeded subsample of ARC-Easy train, the pool's order kept
+        arc = [i for i, ex in enumerate(pool) if ex["source"] == "arc_easy"]
+        keep = set(random.Random(cfg.seed).sample(arc, min(d.arc_limit, len(arc))))
+        pool = [ex for i, ex in enumerate(pool) if ex["source"] != "arc_easy" or i in keep]
+    pool, report = data.decontaminate(pool, data.eval_index(data.eval_texts(), d.ngram), d.ngram)
+    subjects = mmlu_subjects("dev")
+    if d.val_subjects:
+        subjects = sorted(random.Random(cfg.seed).sample(subjects, min(d.val_subjects, len(subjects))))
+    pool, val = data.split_validation(pool, d.val_per_subtask, cfg.seed, prompt_format="eval", subjects=subjects)
+    write_jsonl(ctx.path("pool.jsonl"), pool)
+    ctx.save_json("validation.json", val)
+    ctx.save_json("decontamination.json", report)
+    for source, rep in report["sources"].items():
+        p = {"source": source, "ngram": d.ngram}
+        ctx.log(table="distill_decontam", method=source, metric="contaminated_fraction", value=rep["fraction"],
+                n=rep["n"], params=p)
+        ctx.log(table="distill_decontam", method=source, metric="contaminated", value=rep["n_contaminated"],
+                n=rep["n"], params=p)
+    ctx.log(table="distill_data", method="pool", metric="examples", value=len(pool))
+    ctx.log(table="distill_data", method="validation", metric="subtasks", value=len(val))
+    print(f"[{EXP}] pool {len(pool)} examples after decontamination (dropped {report['n_contaminated']}); "
+          f"LESS validation: {len(val)} subtasks")
+
+
+# -------------------------------------------------------------------------------------- stage: source
+def stage_source(ctx: StageContext) -> None:
+    from exp_distill_data.source import pretrain_source
+
+    if OFFLINE_SOURCE not in {m for pair in ctx.cfg.pairs() for m in pair}:
+        ctx.save_json("source.json", {"skipped": f"no setting uses {OFFLINE_SOURCE}"})
+        return
+    info = pretrain_source(ctx.cfg.source, ctx.out_dir, run=ctx)
+    print(f"[{EXP}] source: val ppl {info['val_ppl']:.1f} (unigram {info['unigram_ppl']:.1f}), "
+          f"{info['params'] / 1e6:.2f} M parameters, {info['train_tokens']} tokens")
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate_model(model: Any, tok: Any, cfg: Config) -> dict[str, dict]:
+    """acc / acc_norm per task: ARC-Easy 0-shot and MMLU at each of eval.mmlu_shots (fast lm-eval backend)."""
+    from common.eval import evaluate_multiple_choice
+
+    e = cfg.eval
+    out: dict[str, dict] = {}
+    if "arc_easy" in e.tasks:
+        out.update(evaluate_multiple_choice(model, tok, ["arc_easy"], subsample=e.arc_questions or None,
+                                            subsample_seed=e.subsample_seed, batch_size=e.batch_size))
+    if "mmlu" in e.tasks:
+        for shots in e.mmlu_shots:
+            s = evaluate_multiple_choice(model, tok, ["mmlu"], num_fewshot=shots, subsample=e.mmlu_questions or None,
+                                         subsample_seed=e.subsample_seed, batch_size=e.batch_size)
+            out.update({f"{k}@{shots}shot": v for k, v in s.items()})
+    return out
+
+
+def log_eval(ctx: StageContext, scores: dict[str, dict], method: str, params: dict) -> None:
+    for task, s in scores.items():
+        name = task.split("@")[0]
+        for m in ("acc", "acc_norm"):
+            se = s.get(f"{m}_stderr")
+            ctx.log(table=MAIN_TABLE, method=method, metric=m, value=float(s[m]),
+                    stderr=None if se is None or math.isnan(se) else float(se), n=int(s["n"]),
+                    params={**params, "task": name, "num_fewshot": int(s.get("num_fewshot", 0))})
+
+
+def pair_params(selector: str, trainer: str) -> dict:
+    return {"setting": f"{selector}->{trainer}", "selector": selector, "trainer": trainer}
+
+
+def stage_base_eval(ctx: StageContext) -> None:
+    """The floor rows: every trained model before fine-tuning."""
+    cfg = ctx.cfg
+    results = {}
+    for trainer in trainers(cfg):
+        model, tok = load_model(trainer, ctx)
+        results[trainer] = evaluate_model(model, tok, cfg)
+        del model
+    for sel, trainer in cfg.pairs():
+        log_eval(ctx, results[trainer], "base", {**pair_params(sel, trainer), "budget": 0, "seed": -1})
+    ctx.save_json("scores.json", results)
+
+
+# ---------------------------------------------------------------------------------------------- LESS
+def stage_less_warmup(ctx: StageContext) -> None:
+    """LESS step 1: LoRA warm-up of each selector on a random warmup_fraction of the pool, with an
+    Adam-state snapshot at every epoch end (the checkpoints whose gradients become features)."""
+    from common.sft import finetune
+
+    cfg = ctx.cfg
+    if "less" not in cfg.methods:
+        ctx.save_json("warmup.json", {"skipped": "less not in methods"})
+        return
+    pool, _ = load_pool(ctx)
+    k = budget_size(cfg.less.warmup_fraction, len(pool))
+    subset = random.Random(cfg.seed).sample(range(len(pool)), k)
+    examples = [pool[i] for i in sorted(subset)]
+    info = {}
+    for sel in selectors(cfg):
+        model, tok = load_model(sel, ctx)
+        sft = sft_config(cfg, cfg.seed, len(examples), epochs=float(cfg.less.warmup_epochs), snapshot_epochs=True,
+                         snapshot_optimizer=True, max_len=cfg.less.max_len, lr_schedule="linear")
+        res = finetune(model, tok, examples, sft, ctx.out_dir / slug(sel))
+        info[sel] = {"steps": res.step, "final_loss": res.final_loss, "examples": len(examples)}
+        ctx.log(table="distill_less", method="warmup", metric="final_loss", value=res.final_loss, n=len(examples),
+                params={"selector": sel})
+    ctx.save_json("warmup.json", info)
+
+
+def _batches(tok: Any, examples: list[dict], sft: Any, size: int):
+    from common.sft import encode_examples, make_collator
+
+    enc = encode_examples(tok, examples, sft)
+    collate = make_collator(tok)
+    for i in range(0, len(enc), size):
+        yield collate(enc[i:i + size])
+
+
+def stage_less_features(ctx: StageContext) -> None:
+    """LESS step 2: per warm-up checkpoint, Adam-preconditioned projected gradients of every pool example and
+    SGD gradients of every validation example (per subtask), LoRA parameters only."""
+    from common.sft import apply_lora, load_trainable
+    from common.train import list_snapshots, load_snapshot_optimizer, snapshot_info
+    from exp_distill_data import less
+
+    cfg = ctx.cfg
+    if "less" not in cfg.methods:
+        ctx.save_json("features.json", {"skipped": "less not in methods"})
+        return
+    pool, val = load_pool(ctx)
+    proj = less.RandomProjector(cfg.less.proj_dim, seed=cfg.seed)
+    meta: dict[str, list] = {}
+    for sel in selectors(cfg):
+        warm = ctx.input("less_warmup") / slug(sel)
+        model, tok = load_model(sel, ctx, eager=True)
+        sft = sft_config(cfg, cfg.seed, max_len=cfg.less.max_len)
+        model = apply_lora(model, sft.r, sft.alpha, sft.dropout, seed=cfg.seed)
+        meta[sel] = []
+        prev_lr = None
+        for step, path in list_snapshots(warm):
+            lr = snapshot_info(warm, step)["lr"]
+            if step == 0:  # the checkpoints are the epoch ends (LESS); step 0 gives the first epoch's start lr
+                prev_lr = lr
+                continue
+            # LESS weights a checkpoint by the mean learning rate of its epoch: exact for a linear schedule
+            # as the mean of the rates at the epoch's two ends (the rate at the last end alone would be 0)
+            epoch_lr, prev_lr = 0.5 * (prev_lr + lr), lr
+            load_trainable(model, path)
+            # snapshots hold Adam's moments by parameter name; common.train's AdamW uses torch's betas/eps
+            state = less.adam_state_from_state_dict({"state": load_snapshot_optimizer(warm, step),
+                                                     "param_groups": [{}]}, model)
+            out = ctx.out_dir / slug(sel) / f"step_{step:06d}"
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(less.compute_features(model, _batches(tok, pool, sft, 8), kind="adam",
+                                             optimizer_state=state, projector=proj), out / "train.pt")
+            for sub, examples in val.items():
+                torch.save(less.compute_features(model, _batches(tok, examples, sft, 8), kind="sgd", projector=proj),
+                           out / f"val_{slug(sub)}.pt")
+            meta[sel].append({"step": step, "lr": epoch_lr, "dir": out.name})
+            print(f"[{EXP}] less_features {sel} step {step}: {len(pool)} train, {len(val)} subtasks")
+    ctx.save_json("features.json", meta)
+
+
+def stage_less_select(ctx: StageContext) -> None:
+    """LESS step 3: score = sum over checkpoints (weighted by their learning rate) of the mean cosine to a
+    subtask's validation features, max over subtasks; top-k per budget."""
+    from exp_distill_data import less
+
+    cfg = ctx.cfg
+    pool, val = load_pool(ctx)
+    feats = ctx.load_json("less_features", "features.json")
+    selection: dict[str, dict[str, list[int]]] = {}
+    if "less" in cfg.methods:
+        for sel in selectors(cfg):
+            ckpts = feats[sel]
+            folder = ctx.input("less_features") / slug(sel)
+            train = [torch.load(folder / c["dir"] / "train.pt") for c in ckpts]
+            vals = [[torch.load(folder / c["dir"] / f"val_{slug(s)}.pt") for s in val] for c in ckpts]
+            scores = less.less_scores(train, vals, [c["lr"] for c in ckpts])
+            torch.save(scores, ctx.path(f"{slug(sel)}_scores.pt"))
+            selection[sel] = {str(budget_size(b, len(pool))): less.select_top_k(scores, budget_size(b, len(pool)))
+                              .tolist() for b in cfg.budgets}
+    ctx.save_json("selection.json", selection)
+
+
+# -------------------------------------------------------------------------------------- train / evaluate
+def planned_runs(cfg: Config, pool_size: int) -> list[dict]:
+    """Every fine-tune: (trainer, method, budget, seed[, selector]); full and random do not depend on the
+    selector, so settings that share a trainer share those runs."""
+    runs: dict[str, dict] = {}
+    for sel, trainer in cfg.pairs():
+        for method in cfg.methods:
+            budgets = [pool_size] if method == "full" else [budget_size(b, pool_size) for b in cfg.budgets]
+            for k in budgets:
+                for seed in cfg.seeds:
+                    r = {"trainer": trainer, "method": method, "budget": k, "seed": seed,
+                         "selector": sel if method == "less" else ""}
+                    name = slug(f"{trainer}-{method}-{k}-s{seed}" + (f"-by-{sel}" if r["selector"] else ""))
+                    runs.setdefault(name, {**r, "name": name, "settings": []})["settings"].append([sel, trainer])
+    return list(runs.values())
+
+
+def subset_for(run: dict, pool: list[dict], selection: dict) -> list[dict]:
+    if run["method"] == "full":
+        return pool
+    if run["method"] == "random":  # the subset seed is the run's seed: same subsets for every trainer
+        return [pool[i] for i in sorted(random.Random(1000 + run["seed"]).sample(range(len(pool)), run["budget"]))]
+    return [pool[i] for i in selection[run["selector"]][str(run["budget"])]]
+
+
+def stage_train(ctx: StageContext) -> None:
+    """Fine-tune each trainer on each method's subset (LoRA); each run resumes from its own checkpoint,
+    a finished run (adapter saved) is skipped."""
+    from common.sft import finetune, save_trainable
+
+    cfg = ctx.cfg
+    pool, _ = load_pool(ctx)
+    selection = ctx.load_json("less_select", "selection.json")
+    runs = planned_runs(cfg, len(pool))
+    for i, r in enumerate(runs, 1):
+        folder = ctx.out_dir / r["name"]
+        if (folder / "adapter.safetensors").is_file():
+            continue
+        examples = subset_for(r, pool, selection)
+        print(f"[{EXP}] train {i}/{len(runs)} {r['name']}: {len(examples)} examples", flush=True)
+        model, tok = load_model(r["trainer"], ctx)
+        res = finetune(model, tok, examples, sft_config(cfg, r["seed"], len(examples)), folder / "train")
+        if ctx.is_main:
+            save_trainable(res.model, folder / "adapter.safetensors")
+            (folder / "train.json").write_text(json.dumps({"steps": res.step, "final_loss": res.final_loss,
+                                                           "examples": len(examples)}), encoding="utf-8")
+        ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=res.final_loss,
+                n=len(examples), params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
+                                         "selector": r["selector"]})
+    ctx.save_json("runs.json", runs)
+
+
+def stage_evaluate(ctx: StageContext) -> None:
+    """Evaluate every fine-tuned adapter (unmerged LoRA) on the same fixed question subsets as the base."""
+    from common.sft import apply_lora, load_trainable
+
+    cfg = ctx.cfg
+    runs = ctx.load_json("train", "runs.json")
+    pool, _ = load_pool(ctx)
+    all_scores = {}
+    for i, r in enumerate(runs, 1):
+        done = ctx.out_dir / f"{r['name']}.json"
+        if done.is_file():
+            scores = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            print(f"[{EXP}] evaluate {i}/{len(runs)} {r['name']}", flush=True)
+            model, tok = load_model(r["trainer"], ctx)
+            sft = sft_config(cfg, r["seed"])
+            if sft.method == "lora":
+                model = apply_lora(model, sft.r, sft.alpha, sft.dropout)
+            load_trainable(model, ctx.input("train") / r["name"] / "adapter.safetensors")
+            scores = evaluate_model(model.eval(), tok, cfg)
+            done.write_text(json.dumps(scores), encoding="utf-8")
+        all_scores[r["name"]] = scores
+        for sel, trainer in r["settings"]:
+            log_eval(ctx, scores, r["method"], {**pair_params(sel, trainer), "budget": r["budget"],
+                                                "budget_frac": r["budget"] / len(pool), "seed": r["seed"]})
+    ctx.save_json("scores.json", all_scores)
+
+
+# -------------------------------------------------------------------------------------------- table
+def stage_table(ctx: StageContext) -> None:
+    """Mean ± std over seeds with 95 % t-intervals, and paired differences (LESS - random by seed,
+    full - base), as rows of table distill_summary."""
+    from exp_distill_data.table import summary_rows
+
+    base = ctx.load_json("base_eval", "scores.json")
+    runs = ctx.load_json("train", "runs.json")
+    scores = ctx.load_json("evaluate", "scores.json")
+    rows = summary_rows(ctx.cfg, base, runs, scores)
+    for row in rows:
+        ctx.log(**row)
+    ctx.save_json("summary.json", rows)
+
+
+STAGES = [
+    Stage("data", stage_data, config_keys=("seed", "data")),
+    Stage("source", stage_source, config_keys=("source", "settings"), resumable=True),
+    Stage("base_eval", stage_base_eval, config_keys=("settings", "eval"), inputs=("source",)),
+    Stage("less_warmup", stage_less_warmup, config_keys=("seed", "settings", "methods", "finetune", "less"),
+          inputs=("data", "source"), resumable=True),
+    Stage("less_features", stage_less_features, config_keys=("seed", "less"),
+          inputs=("data", "source", "less_warmup"), version="2",  # 2: epoch-mean learning rates
+          resumable=True),
+    Stage("less_select", stage_less_select, config_keys=("budgets",), inputs=("data", "less_features")),
+    Stage("train", stage_train, config_keys=("seeds", "methods", "budgets", "finetune"),
+          inputs=("data", "source", "less_select"), resumable=True),
+    Stage("evaluate", stage_evaluate, config_keys=("eval",), inputs=("data", "source", "train"), resumable=True),
+    Stage("table", stage_table, inputs=("base_eval", "train", "evaluate"), cache=False),
+]
+
+
+def setup(cfg: Config) -> None:
+    torch.set_num_threads(cfg.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_experiment(EXP, Config, STAGES, argv=argv, doc=__doc__, setup=setup)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The paper-layout table: mean ± std over seeds with 95 % t-intervals, and paired differences.
+
+Rows of ``distill_summary`` (one per setting x method x budget x task x metric): ``<metric>_mean`` (stderr =
+std / sqrt(n)), ``<metric>_std``, ``<metric>_ci95_low`` / ``_high``; paired differences ``less-random`` (by
+seed, same budget) and ``full-base`` (each full seed minus the base model) as ``<metric>_diff_*``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from scipy import stats
+
+TABLE = "distill_summary"
+METRICS = ("acc", "acc_norm")
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, sample std, standard error and the t-interval (degenerate, i.e. the mean, when n = 1)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    se = std / math.sqrt(n)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * se if n > 1 else 0.0
+    return {"mean": mean, "std": std, "se": se, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _rows(method: str, metric: str, values: list[float], params: dict, diff: bool = False) -> list[dict]:
+    s = mean_ci(values)
+    tag = f"{metric}_diff" if diff else metric
+    out = [{"table": TABLE, "method": method, "metric": f"{tag}_mean", "value": s["mean"],
+            "stderr": s["se"] if s["n"] > 1 else None, "n": s["n"], "params": params}]
+    for k in ("std", "low", "high"):
+        name = {"std": "std", "low": "ci95_low", "high": "ci95_high"}[k]
+        out.append({"table": TABLE, "method": method, "metric": f"{tag}_{name}", "value": s[k], "n": s["n"],
+                    "params": params})
+    return out
+
+
+def summary_rows(cfg: Any, base: dict, runs: list[dict], scores: dict) -> list[dict]:
+    """``base``: trainer -> task -> metrics; ``runs``: planned runs (train stage); ``scores``: run -> task ->
+    metrics. Returns the rows (``StageContext.log`` keyword arguments)."""
+    per: dict[tuple, list[float]] = defaultdict(list)       # (setting, method, budget, task, metric) -> values
+    by_seed: dict[tuple, float] = {}
+    for r in runs:
+        for sel, trainer in r["settings"]:
+            setting = f"{sel}->{trainer}"
+            for task, sc in scores[r["name"]].items():
+                for m in METRICS:
+                    key = (setting, r["method"], r["budget"], task, m)
+                    per[key].append(float(sc[m]))
+                    by_seed[(*key, r["seed"])] = float(sc[m])
+    rows: list[dict] = []
+    for (setting, method, budget, task, m), vals in sorted(per.items()):
+        rows += _rows(method, m, vals, {"setting": setting, "budget": budget, "task": task})
+    # paired differences
+    for (setting, method, budget, task, m) in sorted(per):
+        p = {"setting": setting, "budget": budget, "task": task}
+        if method == "less":
+            pairs = [(v, by_seed.get((setting, "random", budget, task, m, seed)))
+                     for (*k, seed), v in by_seed.items() if tuple(k) == (setting, "less", budget, task, m)]
+            diffs = [a - b for a, b in pairs if b is not None]
+            if diffs:
+                rows += _rows("less-random", m, diffs, p, diff=True)
+        if method == "full":
+            trainer = setting.split("->")[1]
+            floor = base.get(trainer, {}).get(task, {}).get(m)
+            if floor is not None:
+                diffs = [v - float(floor) for v in per[(setting, method, budget, task, m)]]
+                rows += _rows("full-base", m, diffs, p, diff=True)
+    return rows
