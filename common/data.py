@@ -7,6 +7,7 @@ DataValidationError naming file and line.
 
     ds = load_named("arc_easy", split="test")            # question, choices, labels, answer, id
     ds = load_named("mmlu", split="dev", subjects=["anatomy"])
+    ds = load_named("mmlu_auxiliary_train")              # MMLU's auxiliary_train (local copy: partial)
     ds = load_named("alpaca")                            # instruction, input, output
     ds = load_named("text:en/tinyshakespeare")           # text, source, language, file
 """
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class DatasetNotAvailableError(FileNotFoundError):
 
 
 class DataValidationError(ValueError):
-    """A row of a data file is malformed; the message names the file and line."""
+    """A row of a data file is malformed (or the file is not UTF-8); the message names the file and line."""
 
 
 def data_root(required: bool = True) -> Path | None:
@@ -59,16 +60,46 @@ def _from_hub(name: str, loader: Callable[[], Any], how: str):
                                        f"failed ({type(exc).__name__}: {exc}). {how}") from None
 
 
+def read_text(path: Path) -> str:
+    """A (possibly gzipped) UTF-8 file's text; bytes that are not UTF-8 raise DataValidationError
+    naming the file, the line and the offending byte (not a bare UnicodeDecodeError)."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataValidationError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                                  f"{exc.start}: {exc.reason}); re-encode the file as UTF-8") from None
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    # split on "\n" only: str.splitlines would also split inside strings holding U+2028 and friends
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, str, list[str]]]:
+    """(record number, "record N (line L)", fields) for each non-empty CSV record. Quoted fields can span
+    lines, so the record number and the line it starts on differ; errors cite both."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    number, next_line = 0, 1
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataValidationError(f"{path}: record {number + 1} (line {next_line}): bad CSV ({exc})") from None
+        start, next_line = next_line, reader.line_num + 1
+        if not rec:  # blank line
+            continue
+        number += 1
+        yield number, f"{path}: record {number} (line {start})", rec
 
 
 def validate_mc_row(row: dict, where: str) -> dict:
@@ -154,19 +185,65 @@ def load_mmlu(split: str = "test", subjects: list[str] | str | None = None):
         raise DatasetNotAvailableError(f"MMLU {split}: unknown subject(s) {unknown} in {folder}")
     rows = []
     for subject in wanted:
-        path = folder / f"{subject}_{MMLU_SPLITS[split]}.csv"
-        with path.open(encoding="utf-8", newline="") as f:
-            for lineno, rec in enumerate(csv.reader(f), 1):
-                where = f"{path}:{lineno}"
-                if len(rec) != 6:
-                    raise DataValidationError(f"{where}: expected 6 columns (question,A,B,C,D,answer), "
-                                              f"got {len(rec)}")
-                key = rec[5].strip()
-                row = {"id": f"{subject}/{split}/{lineno}", "subject": subject, "question": rec[0],
-                       "choices": rec[1:5], "labels": list("ABCD"), "answer_key": key,
-                       "answer": "ABCD".index(key) if key in ("A", "B", "C", "D") else -1}
-                rows.append(validate_mc_row(row, where))
+        rows += _mmlu_csv(folder / f"{subject}_{MMLU_SPLITS[split]}.csv", subject, f"{subject}/{split}")
     return datasets.Dataset.from_list(rows)
+
+
+def _mmlu_csv(path: Path, subject: str, id_prefix: str) -> list[dict]:
+    """Rows of one MMLU-release CSV (question,A,B,C,D,answer; no header); ids count records."""
+    rows = []
+    for number, where, rec in _csv_records(path):
+        if len(rec) != 6:
+            raise DataValidationError(f"{where}: expected 6 columns (question,A,B,C,D,answer), got {len(rec)}")
+        key = rec[5].strip()
+        row = {"id": f"{id_prefix}/{number}", "subject": subject, "question": rec[0], "choices": rec[1:5],
+               "labels": list("ABCD"), "answer_key": key,
+               "answer": "ABCD".index(key) if key in ("A", "B", "C", "D") else -1}
+        rows.append(validate_mc_row(row, where))
+    return rows
+
+
+MMLU_AUX_FOLDERS = ("auxiliary_train", "auxiliary_train_partial")  # the full release, or the local part
+
+
+def load_mmlu_auxiliary_train(files: list[str] | str | None = None):
+    """MMLU's auxiliary_train (multiple-choice questions from ARC, MCTest, OBQA, RACE, ... released with
+    MMLU for fine-tuning), same columns as ``load_mmlu``; ``subject`` is the source file's stem.
+
+    The offline copy (``mmlu/auxiliary_train_partial``) holds 2 of the 8 release files
+    (science_elementary, science_middle: 1,218 rows; see shared/data/MANIFEST.md); a full
+    ``mmlu/auxiliary_train`` folder is used when present. ``files`` picks file stems.
+    """
+    import datasets
+
+    root = data_root(required=False)
+    folder = next((root / "mmlu" / name for name in MMLU_AUX_FOLDERS
+                   if root is not None and (root / "mmlu" / name).is_dir()), None)
+    if folder is None:
+        return _from_hub("mmlu_auxiliary_train", _mmlu_aux_from_hub,
+                         "Put the MMLU release's auxiliary_train CSVs under $LLM4ALL_DATA/mmlu/auxiliary_train/.")
+    available = sorted(p.stem for p in folder.glob("*.csv"))
+    wanted = available if files is None else ([files] if isinstance(files, str) else list(files))
+    unknown = sorted(set(wanted) - set(available))
+    if unknown or not wanted:
+        raise DatasetNotAvailableError(f"MMLU auxiliary_train: unknown or no file(s) {unknown} in {folder}; "
+                                       f"available: {', '.join(available)}")
+    if folder.name.endswith("_partial"):
+        log.info("MMLU auxiliary_train: partial local copy, %d file(s) from %s", len(available), folder)
+    rows = []
+    for stem in wanted:
+        rows += _mmlu_csv(folder / f"{stem}.csv", stem, f"auxiliary_train/{stem}")
+    return datasets.Dataset.from_list(rows)
+
+
+def _mmlu_aux_from_hub():
+    import datasets
+
+    ds = datasets.load_dataset("cais/mmlu", "auxiliary_train", split="train")
+    if "train" in ds.column_names:  # some revisions nest each row under a "train" struct column
+        ds = ds.map(lambda r: r["train"], remove_columns=ds.column_names)
+    return ds.map(lambda r, i: {"id": f"auxiliary_train/hub/{i + 1}", "labels": list("ABCD"),
+                                "answer_key": "ABCD"[r["answer"]]}, with_indices=True)
 
 
 def _mmlu_from_hub(split: str, subjects: list[str] | str | None):
@@ -204,13 +281,12 @@ def load_instruct(name: str, invalid: str = "drop"):
     rows, dropped = [], []
     if path.suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise DataValidationError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         items = [(i + 1, r) for i, r in enumerate(records)]
     else:  # self-instruct seeds: one task per line with instances
-        items = [(n, {"instruction": r["instruction"], "input": r["instances"][0]["input"],
-                      "output": r["instances"][0]["output"]}) for n, r in _jsonl(path)]
+        items = [(n, _self_instruct_row(r, f"{path}:{n}")) for n, r in _jsonl(path)]
     for n, r in items:
         where = f"{path}:{'record ' if path.suffix == '.json' else ''}{n}"
         if not str(r.get("instruction", "")).strip() or not str(r.get("output", "")).strip():
@@ -224,6 +300,18 @@ def load_instruct(name: str, invalid: str = "drop"):
         log.warning("instruction pool '%s': dropped %d row(s) with empty instruction/output: %s",
                     name, len(dropped), "; ".join(dropped[:5]))
     return datasets.Dataset.from_list(rows)
+
+
+def _self_instruct_row(task: dict, where: str) -> dict:
+    """A self-instruct seed task's first instance as (instruction, input, output)."""
+    instances = task.get("instances")
+    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+        raise DataValidationError(f"{where}: self-instruct task needs a non-empty 'instances' list of "
+                                  f"{{input, output}} objects, got {instances!r}")
+    first = instances[0]
+    if "output" not in first:
+        raise DataValidationError(f"{where}: instance 1 has no 'output' (keys: {sorted(first)})")
+    return {"instruction": task.get("instruction", ""), "input": first.get("input", ""), "output": first["output"]}
 
 
 TEXT_LANG = {"en": "en", "fr": "fr", "parallel": None}
@@ -249,7 +337,7 @@ def load_text(name: str):
     for p in files:
         rel = p.relative_to(root / "text")
         lang = TEXT_LANG.get(rel.parts[0]) or ("fr" if p.stem.endswith("_fr") else "en")
-        rows.append({"text": p.read_text(encoding="utf-8", errors="strict"), "source": rel.parts[1]
+        rows.append({"text": read_text(p), "source": rel.parts[1]
                      if len(rel.parts) > 2 else rel.stem, "language": lang, "file": str(rel)})
     return datasets.Dataset.from_list(rows)
 
@@ -258,8 +346,15 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "arc_easy": lambda split="test", **kw: load_arc("ARC-Easy", split),
     "arc_challenge": lambda split="test", **kw: load_arc("ARC-Challenge", split),
     "mmlu": lambda split="test", subjects=None, **kw: load_mmlu(split, subjects),
+    "mmlu_auxiliary_train": lambda split="train", files=None, **kw: _aux_train(split, files),
     **{name: (lambda name=name, **kw: load_instruct(name)) for name in INSTRUCT_FILES},
 }
+
+
+def _aux_train(split: str, files: list[str] | str | None):
+    if split != "train":
+        raise ValueError(f"mmlu_auxiliary_train has only the split 'train', got '{split}'")
+    return load_mmlu_auxiliary_train(files)
 
 
 def load_named(name: str, **kwargs: Any):
