@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+SESSION_DATA_ROOT = os.environ.get("LLM4ALL_DATA")  # as the test run was started (the Makefile sets it)
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,9 @@ def _isolated_results(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     # `--data-dir` exports LLM4ALL_DATA for the run's subprocesses; a test that passes a fake data dir
     # must not leak it into the next test
-    saved = os.environ.get("LLM4ALL_DATA")
+    saved = SESSION_DATA_ROOT
+    if saved is not None:  # a leak from an earlier test or fixture must not reach this one either
+        os.environ["LLM4ALL_DATA"] = saved
     yield
     if saved is None:
         os.environ.pop("LLM4ALL_DATA", None)
