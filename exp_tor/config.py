@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from exp_tor.harness.supervisor import HarnessConfig
 
-STAGES = ("closed", "simulate", "planning", "harness")
+STAGE_NAMES = ("closed", "simulate", "planning", "harness")   # the stages of run.py, in run order
 
 
 @dataclass
@@ -55,7 +55,6 @@ class PlanningConfig:
 
 @dataclass
 class HarnessStageConfig:
-    work_dir: str = "outputs/exp_tor/harness"   # run directories (git-ignored); wiped per run
     job: HarnessConfig = field(default_factory=lambda: HarnessConfig(
         steps=1000, checkpoint_every=50, mtbf_s=6.0, repair_s=1.0, slow_mtbf_s=8.0, slow_duration_s=2.0,
         slow_rho=0.5, extra_checkpoint_delay_s=0.1))
@@ -71,17 +70,14 @@ class HarnessStageConfig:
 @dataclass
 class Config:
     seed: int = 0
-    stage: str = "all"
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
+    outputs_dir: str = ""                      # stage outputs root ("" = $LLM4ALL_OUTPUTS or outputs/)
     closed: ClosedConfig = field(default_factory=ClosedConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     planning: PlanningConfig = field(default_factory=PlanningConfig)
     harness: HarnessStageConfig = field(default_factory=HarnessStageConfig)
 
     def validate(self) -> None:
-        stages = self.stage.split(",")
-        for s in stages:
-            if s not in (*STAGES, "all"):
-                raise ValueError(f"key 'stage': unknown stage '{s}' (choose from {', '.join(STAGES)}, all)")
         p = self.planning
         if not len(p.models) == len(p.params_b) == len(p.gpus):
             raise ValueError("keys planning.models, planning.params_b, planning.gpus must have equal lengths")

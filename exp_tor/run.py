@@ -3,29 +3,34 @@
     python exp_tor/run.py --profile quick                  # CPU, all stages (closed, simulate, planning, harness)
     python exp_tor/run.py --profile quick --stage closed   # a subset: closed,simulate,planning,harness
     python exp_tor/run.py --profile paper                  # larger Monte Carlo sweeps, longer harness jobs
+    python exp_tor/run.py --stage simulate sim.trace=trace.csv   # also replay a failure trace (CSV)
 
-Every table row goes to the shared results table via common.results.Run (tables tor_*).
+Stages (common.stages): each writes its rows and a summary JSON into outputs/exp_tor/<stage>/<hash>/ and
+is skipped when that folder is complete for the config keys it depends on: closed (closed.*), simulate
+(seed, sim.*), planning (planning.*), harness (harness.*; the jobs' run directories are kept in the
+stage's folder, under jobs/). Every row goes to the shared results table (tables tor_*, harness_*).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common.config import make_parser, parse_config
-from common.results import Run
+from common.data import DataValidationError
+from common.stages import Pipeline, Stage, StageContext, run_experiment
 from exp_tor import planning, tor
 from exp_tor import simulate as sim
-from exp_tor.config import STAGES, Config
+from exp_tor.config import Config
 
 EXP = "exp_tor"
 
 
-def stage_closed(cfg: Config, run: Run) -> None:
-    c = cfg.closed
+def stage_closed(ctx: StageContext) -> None:
+    c = ctx.cfg.closed
     m = np.asarray(c.mtbfs)
     rows = {"young": tor.young_interval(c.delta, m), "daly": tor.daly_interval(c.delta, m),
             "tor_first_order": tor.tor_first_order_interval(c.delta, m),
@@ -34,31 +39,48 @@ def stage_closed(cfg: Config, run: Run) -> None:
     for method, taus in rows.items():
         for mi, ti in zip(m, taus):
             p = {"mtbf": float(mi), "delta": c.delta, "repair": c.repair}
-            run.log(table="tor_optimal_interval", method=method, metric="tau_opt", value=float(ti), params=p)
-            run.log(table="tor_optimal_interval", method=method, metric="tor_exact", params=p,
+            ctx.log(table="tor_optimal_interval", method=method, metric="tau_opt", value=float(ti), params=p)
+            ctx.log(table="tor_optimal_interval", method=method, metric="tor_exact", params=p,
                     value=float(tor.fail_stop_exact(ti, c.delta, c.repair, mi, repair_interruptible=True)))
     flat = tor.interval_flatness(rows["numeric_exact_daly_model"], c.delta, c.repair, m, band=0.3,
                                  repair_interruptible=True)
     for key in ("loss_low", "loss_high"):
         for mi, v in zip(m, flat[key]):
-            run.log(table="tor_optimal_interval", method="numeric_exact_daly_model", metric=f"tor_{key}_30pct",
+            ctx.log(table="tor_optimal_interval", method="numeric_exact_daly_model", metric=f"tor_{key}_30pct",
                     value=float(v), params={"mtbf": float(mi), "delta": c.delta, "repair": c.repair})
     for mi in m:
         taus = np.geomspace(0.05, 5, c.curve_points) * float(tor.young_interval(c.delta, mi))
         for form, vals in (("exact", tor.fail_stop_exact(taus, c.delta, c.repair, mi)),
                            ("first_order", tor.fail_stop_first_order(taus, c.delta, c.repair, mi))):
             for t, v in zip(taus, vals):
-                run.log(table="tor_vs_interval", method=form, metric="tor", value=float(v),
+                ctx.log(table="tor_vs_interval", method=form, metric="tor", value=float(v),
                         params={"mtbf": float(mi), "tau": float(t), "delta": c.delta, "repair": c.repair})
         t_star = tor.daly_interval(c.delta, mi)
         for stage, share in tor.fail_stop_breakdown(t_star, c.delta, c.repair, mi).items():
-            run.log(table="tor_breakdown", method="exact", metric="share", value=float(share),
+            ctx.log(table="tor_breakdown", method="exact", metric="share", value=float(share),
                     params={"mtbf": float(mi), "stage": stage, "tau": float(t_star)})
+    # the optimal intervals per method, for a user or a later stage to read without the results table
+    ctx.save_json("closed.json", {"delta": c.delta, "repair": c.repair, "mtbfs": c.mtbfs,
+                                  "tau_opt": {k: np.atleast_1d(v).tolist() for k, v in rows.items()}})
 
 
-def stage_simulate(cfg: Config, run: Run) -> None:
-    s = cfg.sim
-    seed = cfg.seed
+def load_trace(path: str) -> list[sim.FaultEvent]:
+    """The trace's events; a bad file is the user's input error (exit 2, file:line in the message)."""
+    try:
+        return sim.load_trace(path)
+    except ValueError as exc:
+        raise DataValidationError(f"key 'sim.trace': {exc}") from None
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def stage_simulate(ctx: StageContext) -> None:
+    s = ctx.cfg.sim
+    events = load_trace(s.trace) if s.trace else None   # read first: a bad trace fails before the sweeps
+    seed = ctx.cfg.seed
+    validation = []
     variants = [("blocking", {}), ("async", {"commit": s.commit}), ("daly_repair", {"repair_interruptible": True})]
     for tau in s.taus:
         for m in s.mtbfs:
@@ -68,87 +90,106 @@ def stage_simulate(cfg: Config, run: Run) -> None:
                 exact = float(tor.fail_stop_exact(tau, s.delta, s.repair, m, **kw))
                 z = (r.tor - exact) / r.se
                 p = {"tau": tau, "mtbf": m, "variant": name}
-                run.log(table="tor_validation", method="simulator", metric="tor", value=r.tor, stderr=r.se,
+                ctx.log(table="tor_validation", method="simulator", metric="tor", value=r.tor, stderr=r.se,
                         n=r.n_cycles, params=p)
-                run.log(table="tor_validation", method="closed_exact", metric="tor", value=exact, params=p)
-                run.log(table="tor_validation", method="simulator", metric="z_score", value=z, params=p)
+                ctx.log(table="tor_validation", method="closed_exact", metric="tor", value=exact, params=p)
+                ctx.log(table="tor_validation", method="simulator", metric="z_score", value=z, params=p)
+                validation.append({**p, "simulator": r.tor, "se": r.se, "closed_exact": exact, "z": z})
             for dist, shape in (("weibull", s.weibull_shape), ("lognormal", s.lognormal_sigma)):
                 seed += 1
                 r = sim.simulate_fail_stop(tau, s.delta, s.repair, m, s.n_cycles, seed=seed, dist=dist, shape=shape)
-                run.log(table="tor_robustness", method=f"simulator_{dist}", metric="tor", value=r.tor, stderr=r.se,
+                ctx.log(table="tor_robustness", method=f"simulator_{dist}", metric="tor", value=r.tor, stderr=r.se,
                         n=r.n_cycles, params={"tau": tau, "mtbf": m, "shape": shape})
     for policy in ("tolerate", "ckpt_restart"):
         seed += 1
         r = sim.simulate_fail_slow(600.0, 0.6, 20.0, 12.0, policy, s.n_cycles, seed=seed)
         p = {"policy": policy, "slow_mtbf": 600.0, "rho": 0.6, "D": 20.0, "P": 12.0}
-        run.log(table="tor_fail_slow", method="simulator", metric="tor", value=r.tor, stderr=r.se, params=p)
-        run.log(table="tor_fail_slow", method="closed", metric="tor", params=p,
+        ctx.log(table="tor_fail_slow", method="simulator", metric="tor", value=r.tor, stderr=r.se, params=p)
+        ctx.log(table="tor_fail_slow", method="closed", metric="tor", params=p,
                 value=float(tor.fail_slow(600.0, 0.6, 20.0, 12.0, policy)))
+    summary = {"n_cycles": s.n_cycles, "validation": validation,
+               "max_abs_z": max((abs(v["z"]) for v in validation), default=None), "trace": None}
+    if events is not None:
+        summary["trace"] = {"file": Path(s.trace).name, "sha256": file_sha256(s.trace),
+                            **replay_trace(ctx, events)}
+    ctx.save_json("simulate.json", summary)
 
 
-def stage_trace(cfg: Config, run: Run) -> None:
-    """Replay a failure trace (CSV) through the per-event simulator next to the closed form at its rate."""
-    s = cfg.sim
-    events = sim.load_trace(s.trace)
+def replay_trace(ctx: StageContext, events: list[sim.FaultEvent]) -> dict:
+    """Replay a failure trace through the per-event simulator next to the closed form at its rate."""
+    s = ctx.cfg.sim
     job = sim.simulate_job(s.trace_t_opt, s.trace_tau, s.trace_delta, s.trace_repair, events=events,
                            policy=s.trace_policy)
     p = {"trace": Path(s.trace).name, "tau": s.trace_tau, "delta": s.trace_delta, "repair": s.trace_repair}
-    run.log(table="tor_trace_replay", method="simulator_replay", metric="tor", value=job.tor, params=p,
+    ctx.log(table="tor_trace_replay", method="simulator_replay", metric="tor", value=job.tor, params=p,
             extra={"stages": job.stages, "n_fail_stop": job.n_fail_stop, "n_fail_slow": job.n_fail_slow})
     for stage, sec in job.stages.items():
-        run.log(table="tor_trace_replay", method="simulator_replay", metric="stage_share", value=sec / job.t_obs,
+        ctx.log(table="tor_trace_replay", method="simulator_replay", metric="stage_share", value=sec / job.t_obs,
                 params={**p, "stage": stage})
+    return {"tor": job.tor, "stages": job.stages, "n_fail_stop": job.n_fail_stop, "n_fail_slow": job.n_fail_slow}
 
 
-def stage_planning(cfg: Config, run: Run) -> None:
-    pc = cfg.planning
-    for row in planning.cost_table(pc):
+def stage_planning(ctx: StageContext) -> None:
+    pc = ctx.cfg.planning
+    table = planning.cost_table(pc)
+    for row in table:
         p = {"model": row["model"], "gpus": row["gpus"]}
         for k in ("tokens_b", "days", "cost_usd", "tor", "mtbf_h", "days_with_failures", "cost_with_failures"):
-            run.log(table="tor_cost_table", method="planning", metric=k, value=row[k], params=p)
+            ctx.log(table="tor_cost_table", method="planning", metric=k, value=row[k], params=p)
     t, tau, m = planning.tor_at_scale(np.asarray(pc.cluster_sizes), pc)
+    cluster = []
     for g, ti, taui, mi in zip(pc.cluster_sizes, t, tau, m):
         p = {"gpus": int(g), "mtbf_h": float(mi) / 3600, "tau_s": float(taui)}
-        run.log(table="tor_vs_cluster", method="exact_daly_interval", metric="tor", value=float(ti), params=p)
+        ctx.log(table="tor_vs_cluster", method="exact_daly_interval", metric="tor", value=float(ti), params=p)
+        cluster.append({**p, "tor": float(ti)})
+    ctx.save_json("planning.json", {"cost_table": table, "tor_vs_cluster": cluster})
 
 
-def stage_harness(cfg: Config, run: Run) -> None:
+def stage_harness(ctx: StageContext) -> None:
     from exp_tor.harness.experiment import run_harness_stage
 
-    out = run_harness_stage(cfg.harness, run)
+    out = run_harness_stage(ctx.cfg.harness, ctx, ctx.out_dir / "jobs")
+    ctx.save_json("harness.json", out)
     v, o = out["validation"], out["optimum"]
     print(f"[exp_tor] harness: observed TOR {v['observed']:.3f}, closed form {v['closed_form']:.3f}, "
           f"replay {v['replay']:.3f}; interval optimum predicted {o['predicted_steps']} steps, "
           f"empirical peak {o['empirical_peak_steps']} steps")
 
 
+STAGES = [
+    Stage("closed", stage_closed, config_keys=("closed",),
+          description="closed forms: optimal intervals, TOR vs interval, overhead breakdown"),
+    Stage("simulate", stage_simulate, config_keys=("seed", "sim"),
+          description="Monte Carlo simulator vs the exact closed form; optional trace replay (sim.trace)"),
+    Stage("planning", stage_planning, config_keys=("planning",),
+          description="training cost table and TOR vs cluster size"),
+    Stage("harness", stage_harness, config_keys=("harness",),
+          description="TOR of real fault-injected training runs (validation job, interval sweep)"),
+]
+
+
+def check_trace(cfg: Config, force: bool) -> None:
+    """Before any stage: a bad trace exits 2 even when simulate would be skipped, and an edited trace is not
+    silently ignored (the simulate folder's hash covers the trace's path, not its content)."""
+    if "simulate" not in cfg.stages or not cfg.sim.trace:
+        return
+    load_trace(cfg.sim.trace)
+    done = Pipeline(EXP, STAGES).stage_dir("simulate", cfg)
+    if force or not Pipeline.is_complete(done):
+        return
+    try:
+        recorded = (json.loads((done / "simulate.json").read_text(encoding="utf-8")).get("trace") or {}).get("sha256")
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    if recorded != file_sha256(cfg.sim.trace):
+        raise DataValidationError(f"key 'sim.trace': {cfg.sim.trace} changed since the simulate stage replayed it "
+                                  f"(output {done.name}); rerun with --force, or save the new trace under a new name")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser(__doc__)
-    parser.add_argument("--stage", default=None, help=f"comma-separated subset of {', '.join(STAGES)} or all")
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, args = parse_config(Config, config_dir=Path(__file__).parent / "configs", argv=argv, parser=parser)
-    if args.stage is not None:
-        cfg.stage = args.stage
-        try:
-            cfg.validate()
-        except ValueError as exc:
-            print(f"config error: --stage: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-    stages = STAGES if cfg.stage == "all" else tuple(cfg.stage.split(","))
-    run = Run(EXP, config=cfg, seed=cfg.seed, profile=args.profile_name)
-    fns = {"closed": stage_closed, "simulate": stage_simulate, "planning": stage_planning, "harness": stage_harness}
-    for st in stages:
-        t0 = time.perf_counter()
-        fns[st](cfg, run)
-        if st == "simulate" and cfg.sim.trace:
-            try:
-                stage_trace(cfg, run)
-            except ValueError as exc:          # bad trace file: message names file and line
-                print(f"trace error: {exc}", file=sys.stderr)
-                return 2
-        print(f"[exp_tor] stage {st}: {time.perf_counter() - t0:.1f} s")
-    run.finish()
-    return 0
+    force = "--force" in argv
+    return run_experiment(EXP, Config, STAGES, argv=argv, doc=__doc__, setup=lambda cfg: check_trace(cfg, force))
 
 
 if __name__ == "__main__":

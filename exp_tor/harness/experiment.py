@@ -1,5 +1,9 @@
 """The harness stage of exp_tor/run.py: TOR measured on real fault-injected training runs.
 
+The jobs' run directories (event logs, checkpoints) live under ``work_dir``, which run.py makes the
+stage's own output folder (``<outputs>/exp_tor/harness/<hash>/jobs``), so a rerun of the same config is
+skipped and a changed config gets a fresh folder. Rows go to ``run.log(...)`` (a ``StageContext``).
+
 1. Validation: one job with fail-stop and fail-slow faults. Rows: observed TOR; the closed form from
    the parameters estimated on the run's own event log; the simulator replaying the exact injected fault
    times; the stage breakdown; the estimates (delta, R, MTBF, rho, D); r(t).
@@ -14,16 +18,22 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from common.results import Run
 from exp_tor.config import HarnessStageConfig
 from exp_tor.harness.analyze import HarnessAnalysis, analyze, check_identity, r_timeline
 from exp_tor.harness.supervisor import HarnessConfig, run_job
 
 
-def _log_analysis(run: Run, table: str, a: HarnessAnalysis, params: dict) -> None:
+class RowLogger(Protocol):
+    """Where the stage's rows go: a ``common.stages.StageContext`` (or a ``common.results.Run``)."""
+
+    def log(self, table: str, method: str, metric: str, value: float, **kw: Any) -> None: ...
+
+
+def _log_analysis(run: RowLogger, table: str, a: HarnessAnalysis, params: dict) -> None:
     run.log(table=table, method="observed", metric="tor", value=a.tor, params=params)
     for stage, seconds in a.stages.items():
         run.log(table=table, method="observed", metric="stage_seconds", value=seconds,
@@ -56,8 +66,9 @@ def replayed_tor(a: HarnessAnalysis, info: dict) -> float:
                                    fail_slow=info["fail_slow"])
 
 
-def run_harness_stage(cfg: HarnessStageConfig, run: Run) -> dict:
-    work = Path(cfg.work_dir)
+def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | Path) -> dict:
+    """Run the validation job and the interval sweep under ``work_dir``; log their rows; return a summary."""
+    work = Path(work_dir)
     out: dict = {}
     vdir = work / "validation"
     shutil.rmtree(vdir, ignore_errors=True)
@@ -100,7 +111,7 @@ def run_harness_stage(cfg: HarnessStageConfig, run: Run) -> dict:
     return out
 
 
-def _log_sweep_optimum(run: Run, cfg: HarnessStageConfig, sweep: list[HarnessAnalysis]) -> dict:
+def _log_sweep_optimum(run: RowLogger, cfg: HarnessStageConfig, sweep: list[HarnessAnalysis]) -> dict:
     """The sweep's predicted TOR curve and optimum vs the empirical ones.
 
     Prediction: delta, R (detection + repair + restart), start-up and step time pooled over the sweep's
