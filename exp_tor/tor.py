@@ -2,7 +2,7 @@
 
 TOR = T_opt / T_obs with W_opt·T_opt = ∫ w_obs dt and r(t) = w_obs(t)/W_opt   [paper, eqs. (1)-(4)]
 
-Everything else in this file is a RECONSTRUCTION (ours, /work/shared/research/tor.md §1.5), not the paper's
+Everything else in this file is a RECONSTRUCTION (ours, ../shared/research/tor.md §1.5), not the paper's
 printed equations, which we could not read: a repeating unit of stages (healthy run, checkpoint saving,
 repair, slow recovery; fail-slow stages) evaluated with renewal-reward theory:
 
