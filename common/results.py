@@ -153,15 +153,16 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """A JSON-able copy of ``x``: dataclass configs as dicts, paths as strings, numpy/torch scalars as numbers."""
     if is_dataclass(x) and not isinstance(x, type):
         from common.config import to_dict
 
         return to_dict(x)
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
@@ -369,9 +370,9 @@ class Run:
         return Path(self.root) / "runs" / self.experiment / self.run_id
 
     def _build_manifest(self) -> dict:
-        seed = _jsonable(self.seed)
+        seed = jsonable(self.seed)
         m = {"format": FORMAT, "experiment": self.experiment, "run_id": self.run_id, "profile": self.profile,
-             "config": _jsonable(self.config), "seed": seed, "git": git_info(), "device": device_name(),
+             "config": jsonable(self.config), "seed": seed, "git": git_info(), "device": device_name(),
              "versions": library_versions(), "argv": relative_argv([str(a) for a in sys.argv]),
              "start_time": self.start_time, "end_time": None}
         problems = field_problems(m, RUN_FIELDS)
@@ -398,20 +399,20 @@ class Run:
         if not (isinstance(value, (int, float)) or hasattr(value, "item")):
             raise TypeError(f"value for {table}/{method}/{metric} must be a number, got {type(value).__name__}")
         row: dict[str, Any] = {"table": table, "method": method, "metric": metric,
-                               "value": _finite_or_none(_jsonable(value))}
+                               "value": _finite_or_none(jsonable(value))}
         if stderr is not None:
-            row["stderr"] = _finite_or_none(_jsonable(stderr))
+            row["stderr"] = _finite_or_none(jsonable(stderr))
         if n is not None:
             row["n"] = int(n)
         if params:
-            row["params"] = _jsonable(params)
+            row["params"] = jsonable(params)
         if extra:
-            row["extra"] = _jsonable(extra)
+            row["extra"] = jsonable(extra)
         with self._lock:
             self._ensure_dir()
             assert self._manifest is not None
-            if seed is not None and _jsonable(seed) != self._manifest["seed"]:
-                row["seed"] = _jsonable(seed)
+            if seed is not None and jsonable(seed) != self._manifest["seed"]:
+                row["seed"] = jsonable(seed)
             if device and device != self._manifest["device"]:
                 row["device"] = device
             row["record_id"] = f"{self.run_id}-{self._count + 1:05d}"
@@ -442,7 +443,7 @@ class Run:
         reserved = sorted(set(fields) & set(MANIFEST_RESERVED))
         if reserved:
             raise ValueError(f"update_manifest cannot set provenance fields {reserved}")
-        fields = _jsonable(fields)
+        fields = jsonable(fields)
         json.dumps(fields, allow_nan=False)  # not JSON-able: fail here, not in a later rewrite
         with self._lock:
             if not self._created:

@@ -54,6 +54,7 @@ from typing import Any
 
 from common import paths
 from common.config import EXIT_CONFIG_ERROR, ConfigError, make_parser, parse_config, to_dict, to_yaml
+from common.results import jsonable
 
 COMPLETE = "COMPLETE.json"
 LOGGED = "LOGGED.json"
@@ -88,20 +89,8 @@ class Stage:
     description: str = ""
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
-        return _jsonable(x.item())
-    return x
-
-
 def _canonical(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"))
 
 
 def select_keys(cfg_dict: dict, keys: Sequence[str]) -> dict:
@@ -168,7 +157,7 @@ class StageContext:
         """A results-table row (``common.results.Run.log``'s arguments), logged when the stage completes."""
         if not (isinstance(value, (int, float)) or hasattr(value, "item")):
             raise TypeError(f"value for {table}/{method}/{metric} must be a number, got {type(value).__name__}")
-        self.rows.append(_jsonable({"table": table, "method": method, "metric": metric, "value": value, **kw}))
+        self.rows.append(jsonable({"table": table, "method": method, "metric": metric, "value": value, **kw}))
 
     def input(self, name: str) -> Path:
         """The completed output folder of input stage ``name`` for the current config."""
@@ -189,7 +178,7 @@ class StageContext:
 
     def save_json(self, name: str, obj: Any) -> Path:
         p = self.path(name)
-        p.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True), encoding="utf-8")
+        p.write_text(json.dumps(jsonable(obj), indent=1, sort_keys=True), encoding="utf-8")
         return p
 
     def load_json(self, stage: str, name: str) -> Any:
@@ -334,7 +323,7 @@ class Pipeline:
                   seconds: float) -> None:
         (partial / ROWS).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in ctx.rows),
                                     encoding="utf-8")
-        (partial / "stage.json").write_text(json.dumps(_jsonable(self.spec(st.name, cfg_dict)), indent=1,
+        (partial / "stage.json").write_text(json.dumps(jsonable(self.spec(st.name, cfg_dict)), indent=1,
                                                        sort_keys=True), encoding="utf-8")
         info = {"stage": st.name, "seconds": round(seconds, 3), "run_id": getattr(run, "run_id", None),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "n_rows": len(ctx.rows)}
