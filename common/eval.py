@@ -21,10 +21,12 @@ subject for MMLU, by answer position for ARC): the same questions for every mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -212,6 +214,20 @@ def _num(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) else float("nan")  # lm-eval writes "N/A" for n = 1
 
 
+@contextlib.contextmanager
+def _as_single_process(lm: Any) -> Iterator[None]:
+    """An LM of world size 1 inside a multi-process launch (each process evaluates its own models):
+    lm-eval returns results only where LOCAL_RANK is 0, so it is 0 for the call."""
+    saved = os.environ.get("LOCAL_RANK")
+    if getattr(lm, "world_size", 1) == 1 and saved not in (None, "0"):
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_RANK"] = saved
+
+
 def evaluate_multiple_choice(model: Any, tokenizer: Any, tasks: Sequence[str], split: str = "test",
                              num_fewshot: int = 0, subsample: int | None = None, subsample_seed: int = 0,
                              backend: str = "fast", batch_size: int = 8, mmlu_subjects: Sequence[str] | None = None,
@@ -231,10 +247,11 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, tasks: Sequence[str], s
 
     objects, layout = build_tasks(tasks, split, subsample, subsample_seed, mmlu_subjects)
     lm = model if isinstance(model, LM) else make_lm(model, tokenizer, backend, batch_size, device)
-    out = simple_evaluate(model=lm, tasks=objects, task_manager=TaskManager(include_defaults=False),
-                          num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=100,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
+    with _as_single_process(lm):
+        out = simple_evaluate(model=lm, tasks=objects, task_manager=TaskManager(include_defaults=False),
+                              num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=100,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
     samples = {name: sorted(rows, key=lambda s: s["doc_id"]) for name, rows in out["samples"].items()}
     scores = {}
     for name, leaves in layout.items():

@@ -54,7 +54,7 @@ from typing import Any
 
 from common import paths
 from common.config import EXIT_CONFIG_ERROR, ConfigError, make_parser, parse_config, to_dict, to_yaml
-from common.results import jsonable
+from common.results import is_main_process, jsonable
 
 COMPLETE = "COMPLETE.json"
 LOGGED = "LOGGED.json"
@@ -136,6 +136,10 @@ class _World:
     def is_main(self) -> bool:
         return self._state.is_main_process if self._state is not None else True
 
+    @property
+    def rank(self) -> int:
+        return self._state.process_index if self._state is not None else 0
+
     def barrier(self) -> None:
         if self._state is not None:
             self._state.wait_for_everyone()
@@ -143,7 +147,13 @@ class _World:
 
 @dataclass
 class StageContext:
-    """What a stage function gets: the config, the run, its output folder and its inputs' folders."""
+    """What a stage function gets: the config, the run, its output folder and its inputs' folders.
+
+    In a multi-process launch every process runs the stage function: ``rank`` / ``world_size`` say which
+    one this is, ``shard(jobs)`` is this process's share of independent jobs, ``barrier()`` waits for the
+    others, and ``save_json`` writes from the main process only. Rows are logged from the main process's
+    ``log`` calls only.
+    """
 
     stage: Stage
     cfg: Any
@@ -152,6 +162,13 @@ class StageContext:
     input_dirs: dict[str, Path | None]
     is_main: bool = True
     rows: list[dict] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def shard(self, jobs: Sequence[Any]) -> list[Any]:
+        """This process's jobs: every world_size-th one, from its rank on."""
+        return list(jobs[self.rank::self.world_size])
 
     def log(self, table: str, method: str, metric: str, value: float, **kw: Any) -> None:
         """A results-table row (``common.results.Run.log``'s arguments), logged when the stage completes."""
@@ -177,8 +194,11 @@ class StageContext:
         return p
 
     def save_json(self, name: str, obj: Any) -> Path:
-        p = self.path(name)
-        p.write_text(json.dumps(jsonable(obj), indent=1, sort_keys=True), encoding="utf-8")
+        """Write ``obj`` as JSON into this stage's folder (main process only; every process gets the path)."""
+        p = self.out_dir / name
+        if self.is_main:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(jsonable(obj), indent=1, sort_keys=True), encoding="utf-8")
         return p
 
     def load_json(self, stage: str, name: str) -> Any:
@@ -265,6 +285,9 @@ class Pipeline:
             log: Callable[[str], None] = print) -> dict[str, dict]:
         """Run (or skip) ``selected`` stages and their missing inputs; returns per-stage status and time."""
         world = _World()
+        if not world.is_main:  # one progress line per stage, from the main process
+            def log(_: str) -> None:
+                return None
         cfg_dict = to_dict(cfg)
         report: dict[str, dict] = {}
         plan = self.plan(cfg, selected, force)
@@ -308,7 +331,8 @@ class Pipeline:
             partial.mkdir(parents=True, exist_ok=True)
         world.barrier()
         ctx = StageContext(stage=st, cfg=cfg, run=run, out_dir=partial, is_main=world.is_main,
-                           input_dirs=self._input_dirs(st, cfg, cfg_dict))
+                           input_dirs=self._input_dirs(st, cfg, cfg_dict), rank=world.rank,
+                           world_size=world.size, barrier=world.barrier)
         for name, d in ctx.input_dirs.items():
             if d is None and name in st.inputs:
                 raise StageInputError(f"stage '{st.name}': input stage '{name}' did not complete")
@@ -433,10 +457,12 @@ def run_experiment(experiment: str, config_cls: type, stages: Sequence[Stage], a
         run = Run(experiment, config=cfg, seed=getattr(cfg, "seed", None), profile=args.profile_name)
         t0 = time.perf_counter()
         report = pipeline.run(cfg, run, list(cfg.stages), force=args.force)
-        run.update_manifest(stages=report)  # per-stage status and wall time, next to the run's provenance
+        # per-stage status and wall time, and the number of processes, next to the run's provenance
+        run.update_manifest(stages=report, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         run.finish()
-        print(f"[{experiment}] {len(report)} stage(s) in {time.perf_counter() - t0:.1f} s: "
-              + ", ".join(f"{k} {v['status']}" for k, v in report.items()), flush=True)
+        if is_main_process():
+            print(f"[{experiment}] {len(report)} stage(s) in {time.perf_counter() - t0:.1f} s: "
+                  + ", ".join(f"{k} {v['status']}" for k, v in report.items()), flush=True)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

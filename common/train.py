@@ -139,6 +139,7 @@ class _Progress:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.last_loss = float("nan")
+        self.lr_sum, self.lr_updates = 0.0, 0  # rates of the updates since the last snapshot (its mean_lr)
         self.evals: list[tuple[int, float]] = []  # so a resumed run returns the whole validation curve
 
     def state_dict(self) -> dict:
@@ -332,14 +333,15 @@ def load_snapshots(out_dir: str | Path, steps: Iterable[int] | None = None,
 
 
 def snapshot_info(out_dir: str | Path, step: int) -> dict:
-    """A snapshot's metadata: step, epoch (epochs completed) and lr (the rate of the update that led
-    to it; at step 0 the rate of the first update)."""
+    """A snapshot's metadata: step, epoch (epochs completed), lr (the rate of the update that led
+    to it; at step 0 the rate of the first update) and mean_lr (the mean rate of the updates since the
+    previous snapshot; nan for snapshots written before it was recorded)."""
     from safetensors import safe_open
 
     with safe_open(str(snapshot_path(out_dir, step)), framework="pt") as f:
         meta = f.metadata() or {}
     return {"step": int(meta.get("step", step)), "epoch": int(meta.get("epoch", -1)),
-            "lr": float(meta.get("lr", "nan"))}
+            "lr": float(meta.get("lr", "nan")), "mean_lr": float(meta.get("mean_lr", "nan"))}
 
 
 def load_snapshot_optimizer(out_dir: str | Path, step: int, device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
@@ -490,12 +492,31 @@ class _Curves:
         self._row("val_loss", val_loss, step, n)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Per-process batches of ``batch_size`` taken in order from ``sampler``, dropping the last incomplete
+    *global* batch (``batch_size * num_processes`` examples): accelerate deals batch j to process
+    j % num_processes, so global step k sees examples [k*B, (k+1)*B) of the epoch's order, the same ones
+    a single process with batch B would see (``drop_last`` per process would instead pad with repeats)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, batch_size: int, num_processes: int = 1) -> None:
+        self.sampler, self.batch_size, self.num_processes = sampler, batch_size, num_processes
+        self.drop_last = True
+
+    def __len__(self) -> int:
+        return len(self.sampler) // (self.batch_size * self.num_processes) * self.num_processes
+
+    def __iter__(self):
+        order = list(self.sampler)
+        for j in range(len(self)):
+            yield order[j * self.batch_size:(j + 1) * self.batch_size]
+
+
 def _resolve_steps(cfg: TrainConfig, n_examples: int, num_processes: int) -> TrainConfig:
-    """max_steps from epochs: the loader gives (n // batch) // processes batches per epoch and process
-    (drop_last), and an epoch's last short accumulation group is an update too."""
+    """max_steps from epochs: GlobalBatchSampler gives n // (batch * processes) batches per epoch and
+    process; an epoch's last short accumulation group is an update too."""
     if cfg.epochs is None:
         return cfg
-    batches = (n_examples // cfg.batch_size) // num_processes
+    batches = n_examples // (cfg.batch_size * num_processes)   # per process (GlobalBatchSampler)
     per_epoch = math.ceil(batches / cfg.grad_accum)
     return dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * per_epoch)))
 
@@ -565,8 +586,8 @@ def train(
     # A DataLoader draws a worker base seed from its generator (else the *global* RNG) at every iter();
     # a private generator keeps that draw from shifting the dropout RNG stream when a resume re-creates
     # the iterator mid-epoch.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(sampler, cfg.batch_size, accelerator.num_processes),
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
@@ -612,9 +633,13 @@ def train(
         return done or bool(every and progress.step % every == 0)
 
     def snapshot(lr: float) -> None:
+        # mean_lr: the mean rate of the updates since the previous snapshot (LESS weighs an epoch-end
+        # checkpoint by its epoch's mean rate); at step 0, the rate of the first update
+        mean_lr = progress.lr_sum / progress.lr_updates if progress.lr_updates else lr
         _write_snapshot(accelerator, model, snap_names, out_dir, progress.step,
-                        {"step": progress.step, "epoch": progress.epoch, "lr": lr},
+                        {"step": progress.step, "epoch": progress.epoch, "lr": lr, "mean_lr": mean_lr},
                         optimizer if cfg.snapshot_optimizer else None)
+        progress.lr_sum, progress.lr_updates = 0.0, 0
 
     _emit(callbacks, "train_begin", step=progress.step, max_steps=cfg.max_steps)
     if ckpt is None:  # the start of the trajectory / curve (a resume has them already)
@@ -662,6 +687,8 @@ def train(
                 n_micro = 0
                 progress.step += 1
                 progress.last_loss = step_loss
+                progress.lr_sum += lr
+                progress.lr_updates += 1
                 losses.append(step_loss)
                 bar.update(1)
                 done = progress.step >= cfg.max_steps
@@ -691,7 +718,10 @@ def train(
         if hook is not None:
             hook.remove()
         if own_accelerator and accelerator.log_with:
-            accelerator.end_training()
+            # not accelerator.end_training(): it also destroys the process group, which the caller's
+            # later collectives (a pipeline's next stage, a barrier) still need
+            for tracker in accelerator.trackers:
+                tracker.finish()
     _emit(callbacks, "train_end", step=progress.step, loss=progress.last_loss)
     final = progress.last_loss
     return TrainResult(step=progress.step, final_loss=final if math.isfinite(final) else float("nan"),

@@ -20,11 +20,11 @@ OFFLINE_SOURCE = "opt_local"   # the OPT-architecture source pretrained by the `
 class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["arc_easy", "mmlu_auxiliary_train"])
     extra_pools: list[str] = field(default_factory=list)     # e.g. [alpaca, lima]: optional instruction pools
-    mmlu_aux_limit: int = 400          # seeded subsample of MMLU auxiliary_train (99,842 questions in all)
-    arc_limit: int = 400               # seeded subsample of ARC-Easy train (2,251); 0 = all
+    mmlu_aux_limit: int = 60           # seeded subsample of MMLU auxiliary_train (99,842 questions in all)
+    arc_limit: int = 60                # seeded subsample of ARC-Easy train (2,251); 0 = all
     ngram: int = 13                    # decontamination n-gram length (words)
     val_per_subtask: int = 5           # LESS target examples per subtask (ARC-Easy dev; MMLU dev per subject)
-    val_subjects: int = 8              # MMLU subjects used as LESS subtasks (0 = all 57)
+    val_subjects: int = 4              # MMLU subjects used as LESS subtasks (0 = all 57)
 
 
 @dataclass
@@ -45,6 +45,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     max_len: int = 256
     mixed_precision: str = "fp32"
+    checkpoint_every: int = 25         # optimizer steps between resumable checkpoints of a fine-tune
     # the training prompt is the evaluation prompt itself ("Question: ...\nAnswer:" -> " answer"):
     # a raw template, not a chat template, so that the fine-tune teaches the format lm-eval scores
     template: str = "plain"
@@ -56,14 +57,15 @@ class LessConfig:
     warmup_fraction: float = 0.05      # LESS: LoRA warm-up on a random 5 % of the pool
     warmup_epochs: int = 2             # one feature checkpoint per epoch (LESS: 4)
     proj_dim: int = 512                # LESS: 8192
+    batch_size: int = 16               # examples per feature shard (one projection per shard)
     max_len: int = 256
 
 
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "mmlu"])
-    arc_questions: int = 100           # stratified, fixed-seed subsample of ARC-Easy test (2,376); 0 = all
-    mmlu_questions: int = 114          # stratified by subject of MMLU test (14,042); 0 = all
+    arc_questions: int = 200           # stratified, fixed-seed subsample of ARC-Easy test (2,376); 0 = all
+    mmlu_questions: int = 57          # stratified by subject of MMLU test (14,042); 0 = all
     mmlu_shots: list[int] = field(default_factory=lambda: [0])
     subsample_seed: int = 1234
     batch_size: int = 16
@@ -80,7 +82,7 @@ class Config:
     settings: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct->smollm2-135m-instruct",
                                                          "opt_local->smollm2-135m-instruct"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    budgets: list[float] = field(default_factory=lambda: [0.05])   # < 1: fraction of the pool; >= 1: count
+    budgets: list[float] = field(default_factory=lambda: [0.1])    # < 1: fraction of the pool; >= 1: count
     seeds: list[int] = field(default_factory=lambda: [0])           # random subsets and fine-tune seeds
     data: DataConfig = field(default_factory=DataConfig)
     source: SourceConfig = field(default_factory=SourceConfig)   # exp_distill_data.source

@@ -370,10 +370,12 @@ def compute_features(model: torch.nn.Module, batches: Iterable[Batch], kind: Lit
 
 
 def write_feature_shards(model: torch.nn.Module, batches: Iterable[Batch], out_dir: str | Path,
-                         **feature_kwargs: Any) -> int:
+                         rank: int = 0, world_size: int = 1, **feature_kwargs: Any) -> int:
     """Features of each batch into ``out_dir/feats-<batch>.pt`` (atomic writes); batches whose shard
     exists are skipped without computing, so a killed run resumes. ``meta.json`` records the projector
-    signature and kind; resuming with different ones is an error. Returns the number of shards."""
+    signature and kind; resuming with different ones is an error. With ``world_size`` > 1 this process
+    writes the shards of batches ``rank, rank + world_size, ...`` (the others write the rest; every
+    process must iterate the same batches). Returns the number of batches."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     projector = feature_kwargs.get("projector")
@@ -383,23 +385,28 @@ def write_feature_shards(model: torch.nn.Module, batches: Iterable[Batch], out_d
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{out} holds features made with {meta_path.read_text().strip()}, not {meta}: "
                          "use another folder (features of different projections are not comparable)")
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    if rank == 0:
+        _atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"), out, meta_path)
     count = 0
     for i, batch in enumerate(batches):
         count += 1
         path = out / f"feats-{i:06d}.pt"
-        if path.exists():
+        if i % world_size != rank or path.exists():
             continue
         feats = next(iter_features(model, [batch], **feature_kwargs))
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".feats-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(feats, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _atomic_save(lambda tmp, f=feats: torch.save(f, tmp), out, path)
     return count
+
+
+def _atomic_save(write: Any, folder: Path, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_feature_shards(out_dir: str | Path) -> torch.Tensor:
@@ -407,6 +414,10 @@ def read_feature_shards(out_dir: str | Path) -> torch.Tensor:
     paths = sorted(Path(out_dir).glob("feats-*.pt"))
     if not paths:
         raise FileNotFoundError(f"no feature shard (feats-*.pt) in {out_dir}")
+    missing = sorted(set(range(int(paths[-1].stem.split("-")[1]) + 1)) - {int(p.stem.split("-")[1]) for p in paths})
+    if missing:
+        raise FileNotFoundError(f"feature shards missing in {out_dir}: " + ", ".join(f"feats-{i:06d}.pt" for i in
+                                                                                    missing[:5]))
     return torch.cat([torch.load(p, weights_only=True) for p in paths])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -57,22 +58,32 @@ def load_model(name: str, ctx: StageContext, eager: bool = False):
 
     kw = {"attn_implementation": "eager"} if eager else {}
     model, tok = load_causal_lm(model_ref(name, ctx), **kw)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    if torch.cuda.is_available():  # this process's GPU in a multi-process launch
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return model, tok
 
 
-def sft_config(cfg: Config, seed: int, n_examples: int | None = None, **changes: Any):
-    """The fine-tuning config of every trained model (``n_examples``: a batch never larger than the set)."""
+def sft_config(cfg: Config, seed: int, n_examples: int | None = None, world_size: int = 1, **changes: Any):
+    """The fine-tuning config of every trained model (``n_examples``: a batch never larger than the set).
+
+    ``finetune.batch_size`` is the global batch: with ``world_size`` processes each takes its share, so a
+    multi-process run makes the same updates on the same examples as a single process.
+    """
     from common.sft import SFTConfig
 
     f = cfg.finetune
-    batch = min(f.batch_size, n_examples) if n_examples else f.batch_size
+    if f.batch_size % world_size:
+        raise ValueError(f"finetune.batch_size: the global batch {f.batch_size} does not split over {world_size} "
+                         "processes; use a multiple of the process count")
+    batch = f.batch_size
+    if n_examples and n_examples < batch:  # a small set: one batch of (almost) all of it
+        batch = max(world_size, n_examples - n_examples % world_size)
+    batch //= world_size
     base = dict(method=f.method, r=f.r, alpha=f.alpha, dropout=f.dropout, lr=f.lr, epochs=f.epochs,
                 warmup_ratio=f.warmup_ratio, lr_schedule=f.lr_schedule, batch_size=batch,
                 grad_accum=f.grad_accum, max_len=f.max_len, mixed_precision=f.mixed_precision,
                 template=f.template, plain_template=f.plain_template, plain_template_input=f.plain_template,
-                log_with="none", seed=seed, checkpoint_every=25, keep_checkpoints=1)
+                log_with="none", seed=seed, checkpoint_every=f.checkpoint_every, keep_checkpoints=1)
     base.update(changes)
     return SFTConfig(**base)
 
@@ -111,7 +122,8 @@ def stage_data(ctx: StageContext) -> None:
     if d.val_subjects:
         subjects = sorted(random.Random(cfg.seed).sample(subjects, min(d.val_subjects, len(subjects))))
     pool, val = data.split_validation(pool, d.val_per_subtask, cfg.seed, prompt_format="eval", subjects=subjects)
-    write_jsonl(ctx.path("pool.jsonl"), pool)
+    if ctx.is_main:
+        write_jsonl(ctx.path("pool.jsonl"), pool)
     ctx.save_json("validation.json", val)
     ctx.save_json("decontamination.json", report)
     for source, rep in report["sources"].items():
@@ -166,6 +178,28 @@ def log_eval(ctx: StageContext, scores: dict[str, dict], method: str, params: di
                     params={**params, "task": name, "num_fewshot": int(s.get("num_fewshot", 0))})
 
 
+def run_eval_jobs(ctx: StageContext, jobs: list[tuple[str, Any]]) -> dict[str, dict]:
+    """Evaluate ``(name, load)`` jobs (``load() -> (model, tokenizer)``), shared out over the processes;
+    each result is its own file (``scores/<name>.json``, atomic), so a killed stage resumes at the first
+    job without one. Returns every job's scores, in job order, on every process."""
+    from common.results import atomic_write_text
+
+    folder = ctx.out_dir / "scores"
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = ctx.shard(jobs)
+    for i, (name, load) in enumerate(mine, 1):
+        done = folder / f"{name}.json"
+        if done.is_file():
+            continue
+        print(f"[{EXP}] evaluate {i}/{len(mine)} {name}" + (f" (rank {ctx.rank})" if ctx.world_size > 1 else ""),
+              flush=True)
+        model, tok = load()
+        atomic_write_text(done, json.dumps(evaluate_model(model.eval(), tok, ctx.cfg), sort_keys=True))
+        del model
+    ctx.barrier()
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name, _ in jobs}
+
+
 def pair_params(selector: str, trainer: str) -> dict:
     return {"setting": f"{selector}->{trainer}", "selector": selector, "trainer": trainer}
 
@@ -173,11 +207,9 @@ def pair_params(selector: str, trainer: str) -> dict:
 def stage_base_eval(ctx: StageContext) -> None:
     """The floor rows: every trained model before fine-tuning."""
     cfg = ctx.cfg
-    results = {}
-    for trainer in trainers(cfg):
-        model, tok = load_model(trainer, ctx)
-        results[trainer] = evaluate_model(model, tok, cfg)
-        del model
+    jobs = [(slug(t), lambda t=t: load_model(t, ctx)) for t in trainers(cfg)]
+    by_slug = run_eval_jobs(ctx, jobs)
+    results = {t: by_slug[slug(t)] for t in trainers(cfg)}
     for sel, trainer in cfg.pairs():
         log_eval(ctx, results[trainer], "base", {**pair_params(sel, trainer), "budget": 0, "seed": -1})
     ctx.save_json("scores.json", results)
@@ -200,7 +232,8 @@ def stage_less_warmup(ctx: StageContext) -> None:
     info = {}
     for sel in selectors(cfg):
         model, tok = load_model(sel, ctx)
-        sft = sft_config(cfg, cfg.seed, len(examples), epochs=float(cfg.less.warmup_epochs), snapshot_epochs=True,
+        sft = sft_config(cfg, cfg.seed, len(examples), ctx.world_size, epochs=float(cfg.less.warmup_epochs),
+                         snapshot_epochs=True,
                          snapshot_optimizer=True, max_len=cfg.less.max_len, lr_schedule="linear")
         res = finetune(model, tok, examples, sft, ctx.out_dir / slug(sel))
         info[sel] = {"steps": res.step, "final_loss": res.final_loss, "examples": len(examples)}
@@ -238,26 +271,24 @@ def stage_less_features(ctx: StageContext) -> None:
         sft = sft_config(cfg, cfg.seed, max_len=cfg.less.max_len)
         model = apply_lora(model, sft.r, sft.alpha, sft.dropout, seed=cfg.seed)
         meta[sel] = []
-        prev_lr = None
         for step, path in list_snapshots(warm):
-            lr = snapshot_info(warm, step)["lr"]
-            if step == 0:  # the checkpoints are the epoch ends (LESS); step 0 gives the first epoch's start lr
-                prev_lr = lr
+            if step == 0:  # the checkpoints are the epoch ends (LESS), not the initial adapter
                 continue
-            # LESS weights a checkpoint by the mean learning rate of its epoch: exact for a linear schedule
-            # as the mean of the rates at the epoch's two ends (the rate at the last end alone would be 0)
-            epoch_lr, prev_lr = 0.5 * (prev_lr + lr), lr
+            # LESS weighs a checkpoint by the mean learning rate of its epoch (the snapshot's mean_lr)
+            epoch_lr = snapshot_info(warm, step)["mean_lr"]
             load_trainable(model, path)
             # snapshots hold Adam's moments by parameter name; common.train's AdamW uses torch's betas/eps
             state = less.adam_state_from_state_dict({"state": load_snapshot_optimizer(warm, step),
                                                      "param_groups": [{}]}, model)
             out = ctx.out_dir / slug(sel) / f"step_{step:06d}"
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(less.compute_features(model, _batches(tok, pool, sft, 8), kind="adam",
-                                             optimizer_state=state, projector=proj), out / "train.pt")
+            # one shard per batch, written atomically: a killed stage resumes at its first missing shard
+            # every process computes every world_size-th shard
+            part = {"rank": ctx.rank, "world_size": ctx.world_size}
+            less.write_feature_shards(model, _batches(tok, pool, sft, cfg.less.batch_size), out / "train",
+                                      kind="adam", optimizer_state=state, projector=proj, **part)
             for sub, examples in val.items():
-                torch.save(less.compute_features(model, _batches(tok, examples, sft, 8), kind="sgd", projector=proj),
-                           out / f"val_{slug(sub)}.pt")
+                less.write_feature_shards(model, _batches(tok, examples, sft, cfg.less.batch_size),
+                                          out / f"val_{slug(sub)}", kind="sgd", projector=proj, **part)
             meta[sel].append({"step": step, "lr": epoch_lr, "dir": out.name})
             print(f"[{EXP}] less_features {sel} step {step}: {len(pool)} train, {len(val)} subtasks")
     ctx.save_json("features.json", meta)
@@ -275,11 +306,16 @@ def stage_less_select(ctx: StageContext) -> None:
     if "less" in cfg.methods:
         for sel in selectors(cfg):
             ckpts = feats[sel]
+            if not sum(c["lr"] for c in ckpts) > 0:
+                raise ValueError(f"less_warmup of {sel}: every warm-up update had learning rate 0 ({len(ckpts)} "
+                                 "checkpoint(s)); give the warm-up more steps (less.warmup_fraction, "
+                                 "less.warmup_epochs, finetune.batch_size) or less warm-up (finetune.warmup_ratio)")
             folder = ctx.input("less_features") / slug(sel)
-            train = [torch.load(folder / c["dir"] / "train.pt") for c in ckpts]
-            vals = [[torch.load(folder / c["dir"] / f"val_{slug(s)}.pt") for s in val] for c in ckpts]
+            train = [less.read_feature_shards(folder / c["dir"] / "train") for c in ckpts]
+            vals = [{s: less.read_feature_shards(folder / c["dir"] / f"val_{slug(s)}") for s in val} for c in ckpts]
             scores = less.less_scores(train, vals, [c["lr"] for c in ckpts])
-            torch.save(scores, ctx.path(f"{slug(sel)}_scores.pt"))
+            if ctx.is_main:
+                torch.save(scores, ctx.path(f"{slug(sel)}_scores.pt"))
             selection[sel] = {str(budget_size(b, len(pool))): less.select_top_k(scores, budget_size(b, len(pool)))
                               .tolist() for b in cfg.budgets}
     ctx.save_json("selection.json", selection)
@@ -313,6 +349,7 @@ def subset_for(run: dict, pool: list[dict], selection: dict) -> list[dict]:
 def stage_train(ctx: StageContext) -> None:
     """Fine-tune each trainer on each method's subset (LoRA); each run resumes from its own checkpoint,
     a finished run (adapter saved) is skipped."""
+    from common.results import atomic_write_text
     from common.sft import finetune, save_trainable
 
     cfg = ctx.cfg
@@ -321,47 +358,46 @@ def stage_train(ctx: StageContext) -> None:
     runs = planned_runs(cfg, len(pool))
     for i, r in enumerate(runs, 1):
         folder = ctx.out_dir / r["name"]
-        if (folder / "adapter.safetensors").is_file():
-            continue
-        examples = subset_for(r, pool, selection)
-        print(f"[{EXP}] train {i}/{len(runs)} {r['name']}: {len(examples)} examples", flush=True)
-        model, tok = load_model(r["trainer"], ctx)
-        res = finetune(model, tok, examples, sft_config(cfg, r["seed"], len(examples)), folder / "train")
-        if ctx.is_main:
-            save_trainable(res.model, folder / "adapter.safetensors")
-            (folder / "train.json").write_text(json.dumps({"steps": res.step, "final_loss": res.final_loss,
-                                                           "examples": len(examples)}), encoding="utf-8")
-        ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=res.final_loss,
-                n=len(examples), params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
-                                         "selector": r["selector"]})
+        if not (folder / "adapter.safetensors").is_file():  # the adapter, written last, marks a finished run
+            examples = subset_for(r, pool, selection)
+            print(f"[{EXP}] train {i}/{len(runs)} {r['name']}: {len(examples)} examples", flush=True)
+            model, tok = load_model(r["trainer"], ctx)
+            res = finetune(model, tok, examples, sft_config(cfg, r["seed"], len(examples), ctx.world_size),
+                           folder / "train")
+            if ctx.is_main:
+                atomic_write_text(folder / "train.json", json.dumps(
+                    {"steps": res.step, "final_loss": res.final_loss, "examples": len(examples)}))
+                save_trainable(res.model, folder / "adapter.safetensors")   # atomic
+            ctx.barrier()  # the adapter exists for every process before the next run's check
+        info = json.loads((folder / "train.json").read_text(encoding="utf-8"))
+        ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
+                n=info["examples"], params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
+                                            "selector": r["selector"]})
     ctx.save_json("runs.json", runs)
 
 
 def stage_evaluate(ctx: StageContext) -> None:
     """Evaluate every fine-tuned adapter (unmerged LoRA) on the same fixed question subsets as the base."""
-    from common.sft import apply_lora, load_trainable
-
     cfg = ctx.cfg
     runs = ctx.load_json("train", "runs.json")
     pool, _ = load_pool(ctx)
-    all_scores = {}
-    for i, r in enumerate(runs, 1):
-        done = ctx.out_dir / f"{r['name']}.json"
-        if done.is_file():
-            scores = json.loads(done.read_text(encoding="utf-8"))
-        else:
-            print(f"[{EXP}] evaluate {i}/{len(runs)} {r['name']}", flush=True)
-            model, tok = load_model(r["trainer"], ctx)
-            sft = sft_config(cfg, r["seed"])
-            if sft.method == "lora":
-                model = apply_lora(model, sft.r, sft.alpha, sft.dropout)
-            load_trainable(model, ctx.input("train") / r["name"] / "adapter.safetensors")
-            scores = evaluate_model(model.eval(), tok, cfg)
-            done.write_text(json.dumps(scores), encoding="utf-8")
-        all_scores[r["name"]] = scores
+
+    def load(r: dict):
+        from common.sft import apply_lora, load_trainable
+
+        model, tok = load_model(r["trainer"], ctx)
+        sft = sft_config(cfg, r["seed"])
+        if sft.method == "lora":
+            model = apply_lora(model, sft.r, sft.alpha, sft.dropout)
+        load_trainable(model, ctx.input("train") / r["name"] / "adapter.safetensors")
+        return model, tok
+
+    all_scores = run_eval_jobs(ctx, [(r["name"], lambda r=r: load(r)) for r in runs])
+    for r in runs:
         for sel, trainer in r["settings"]:
-            log_eval(ctx, scores, r["method"], {**pair_params(sel, trainer), "budget": r["budget"],
-                                                "budget_frac": r["budget"] / len(pool), "seed": r["seed"]})
+            log_eval(ctx, all_scores[r["name"]], r["method"], {**pair_params(sel, trainer), "budget": r["budget"],
+                                                               "budget_frac": r["budget"] / len(pool),
+                                                               "seed": r["seed"]})
     ctx.save_json("scores.json", all_scores)
 
 
@@ -385,9 +421,9 @@ STAGES = [
     Stage("source", stage_source, config_keys=("source", "settings"), resumable=True),
     Stage("base_eval", stage_base_eval, config_keys=("settings", "eval"), inputs=("source",)),
     Stage("less_warmup", stage_less_warmup, config_keys=("seed", "settings", "methods", "finetune", "less"),
-          inputs=("data", "source"), resumable=True),
+          inputs=("data", "source"), resumable=True, version="2"),  # 2: snapshots record mean_lr
     Stage("less_features", stage_less_features, config_keys=("seed", "less"),
-          inputs=("data", "source", "less_warmup"), version="2",  # 2: epoch-mean learning rates
+          inputs=("data", "source", "less_warmup"), version="3",  # 3: epoch-mean rates, shards
           resumable=True),
     Stage("less_select", stage_less_select, config_keys=("budgets",), inputs=("data", "less_features")),
     Stage("train", stage_train, config_keys=("seeds", "methods", "budgets", "finetune"),

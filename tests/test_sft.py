@@ -258,8 +258,11 @@ def test_snapshots_survive_rotation_and_hold_only_trainable(bpe, tmp_path):
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.1." not in n}
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen: dict[int, dict] = {}
+    lrs: dict[int, float] = {}
 
     def record(event, info):
+        if event == "step_end":
+            lrs[info["step"]] = info["lr"]
         if event == "step_end" and info["step"] in (3, 4):
             seen[info["step"]] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -286,6 +289,14 @@ def test_snapshots_survive_rotation_and_hold_only_trainable(bpe, tmp_path):
     assert not torch.equal(snaps[7][trainable[0]], snaps[0][trainable[0]])
     assert all(torch.equal(final[n], t) for n, t in frozen_before.items())  # frozen really frozen
     assert snapshot_info(tmp_path, 4)["epoch"] == 1 and snapshot_info(tmp_path, 3)["epoch"] == 0
+    # the rate of update k (1-based) of a cosine schedule without warm-up, from its formula
+    cosine = {k: cfg.lr * 0.5 * (1 + math.cos(math.pi * (k - 1) / 7)) for k in range(1, 8)}
+    assert all(math.isclose(lrs[k], cosine[k], rel_tol=1e-9, abs_tol=1e-15) for k in cosine)
+    # mean_lr: the mean rate of the updates since the previous snapshot (0 | 1-3 | 4 | 5-6 | 7)
+    since = {0: [1], 3: [1, 2, 3], 4: [4], 6: [5, 6], 7: [7]}
+    for step, ks in since.items():
+        assert math.isclose(snapshot_info(tmp_path, step)["mean_lr"], sum(cosine[k] for k in ks) / len(ks),
+                            rel_tol=1e-9, abs_tol=1e-15), step
     moments = load_snapshot_optimizer(tmp_path, 7)
     assert sorted(moments) == trainable
     for n in trainable:

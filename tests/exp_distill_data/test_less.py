@@ -315,3 +315,16 @@ def test_feature_shards_resume(tmp_path, lora_model):
     assert torch.count_nonzero(got[:3]) == 0 and torch.allclose(got[3:], want[3:])
     with pytest.raises(ValueError, match="not comparable"):
         less.write_feature_shards(model, batches, tmp_path, kind="sgd", projector=RandomProjector(32, seed=1))
+
+
+def test_feature_shards_split_over_processes(tmp_path, lora_model):
+    model, _ = lora_model
+    batches = [_batch(2, seed=500 + i) for i in range(5)]
+    proj = RandomProjector(16, seed=3)
+    want = compute_features(model, batches, kind="sgd", projector=proj)
+    assert less.write_feature_shards(model, batches, tmp_path, rank=1, world_size=2, kind="sgd", projector=proj) == 5
+    assert sorted(p.name for p in tmp_path.glob("feats-*.pt")) == ["feats-000001.pt", "feats-000003.pt"]
+    with pytest.raises(FileNotFoundError, match="feats-000000"):   # a gap is an error, not a shorter tensor
+        less.read_feature_shards(tmp_path)
+    less.write_feature_shards(model, batches, tmp_path, rank=0, world_size=2, kind="sgd", projector=proj)
+    assert torch.allclose(less.read_feature_shards(tmp_path), want)
