@@ -84,6 +84,7 @@ class Config:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     budgets: list[float] = field(default_factory=lambda: [0.1])    # < 1: fraction of the pool; >= 1: count
     seeds: list[int] = field(default_factory=lambda: [0])           # random subsets and fine-tune seeds
+    full_seeds: int = 0                # full-data fine-tunes (the costliest) use the first this-many seeds; 0 = all
     data: DataConfig = field(default_factory=DataConfig)
     source: SourceConfig = field(default_factory=SourceConfig)   # exp_distill_data.source
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -99,6 +100,8 @@ class Config:
             raise ValueError(f"methods: unknown {bad}; known: {list(METHODS)}")
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"budgets must be > 0 (fractions < 1 or counts >= 1), got {self.budgets}")
+        if self.full_seeds < 0:
+            raise ValueError(f"full_seeds must be >= 0 (0 = every seed), got {self.full_seeds}")
         if not self.seeds:
             raise ValueError("seeds must hold at least one seed")
         if not 0 < self.less.warmup_fraction <= 1:

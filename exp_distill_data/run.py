@@ -329,8 +329,9 @@ def planned_runs(cfg: Config, pool_size: int) -> list[dict]:
     for sel, trainer in cfg.pairs():
         for method in cfg.methods:
             budgets = [pool_size] if method == "full" else [budget_size(b, pool_size) for b in cfg.budgets]
+            seeds = cfg.seeds[:cfg.full_seeds] if method == "full" and cfg.full_seeds else cfg.seeds
             for k in budgets:
-                for seed in cfg.seeds:
+                for seed in seeds:
                     r = {"trainer": trainer, "method": method, "budget": k, "seed": seed,
                          "selector": sel if method == "less" else ""}
                     name = slug(f"{trainer}-{method}-{k}-s{seed}" + (f"-by-{sel}" if r["selector"] else ""))
@@ -426,7 +427,7 @@ STAGES = [
           inputs=("data", "source", "less_warmup"), version="3",  # 3: epoch-mean rates, shards
           resumable=True),
     Stage("less_select", stage_less_select, config_keys=("budgets",), inputs=("data", "less_features")),
-    Stage("train", stage_train, config_keys=("seeds", "methods", "budgets", "finetune"),
+    Stage("train", stage_train, config_keys=("seeds", "full_seeds", "methods", "budgets", "finetune"),
           inputs=("data", "source", "less_select"), resumable=True),
     Stage("evaluate", stage_evaluate, config_keys=("eval",), inputs=("data", "source", "train"), resumable=True),
     Stage("table", stage_table, inputs=("base_eval", "train", "evaluate"), cache=False),
