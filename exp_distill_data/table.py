@@ -2,7 +2,8 @@
 
 Rows of ``distill_summary`` (one per setting x method x budget x task x metric): ``<metric>_mean`` (stderr =
 std / sqrt(n)), ``<metric>_std``, ``<metric>_ci95_low`` / ``_high``; paired differences ``less-random`` (by
-seed, same budget) and ``full-base`` (each full seed minus the base model) as ``<metric>_diff_*``.
+seed, same budget) and ``full-base`` (each full seed minus the base model) as ``<metric>_diff_*``; for
+full - base also the question-level standard error of the difference and its z (``_question_level``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ def _rows(method: str, metric: str, values: list[float], params: dict, diff: boo
     return out
 
 
+def _question_level(metric: str, base: dict, full: list[dict], params: dict) -> list[dict]:
+    """full - base resolved against question sampling: each full seed's difference over the unpaired
+    standard error sqrt(se_full^2 + se_base^2) of lm-eval (conservative: the two models answer the same
+    questions, so the paired error is smaller). Rows ``<metric>_diff_se_questions`` and ``<metric>_diff_z``
+    (the seed-mean difference over the mean of the errors)."""
+    se_b = base.get(f"{metric}_stderr")
+    ses = [f.get(f"{metric}_stderr") for f in full]
+    if se_b is None or not full or any(x is None or not math.isfinite(x) for x in [se_b, *ses]):
+        return []
+    se = sum(math.sqrt(x ** 2 + se_b ** 2) for x in ses) / len(ses)
+    diff = sum(f[metric] - base[metric] for f in full) / len(full)
+    kw = {"table": TABLE, "method": "full-base", "n": len(full), "params": params}
+    out = [{**kw, "metric": f"{metric}_diff_se_questions", "value": se}]
+    return out + ([{**kw, "metric": f"{metric}_diff_z", "value": diff / se}] if se > 0 else [])
+
+
 def summary_rows(cfg: Any, base: dict, runs: list[dict], scores: dict) -> list[dict]:
     """``base``: trainer -> task -> metrics; ``runs``: planned runs (train stage); ``scores``: run -> task ->
     metrics. Returns the rows (``StageContext.log`` keyword arguments)."""
@@ -70,4 +87,7 @@ def summary_rows(cfg: Any, base: dict, runs: list[dict], scores: dict) -> list[d
             if floor is not None:
                 diffs = [v - float(floor) for v in per[(setting, method, budget, task, m)]]
                 rows += _rows("full-base", m, diffs, p, diff=True)
+                rows += _question_level(m, base[trainer][task], [scores[r["name"]][task] for r in runs
+                                        if r["method"] == "full" and r["budget"] == budget
+                                        and [setting.split("->")[0], trainer] in r["settings"]], p)
     return rows
