@@ -30,7 +30,7 @@ def _base(rows: pd.DataFrame) -> pd.DataFrame:
 
 @register_table("distill_main", EXP, "Fine-tuning on full / random / LESS-selected data: accuracy per setting",
                 sources=("distill_summary", "distill_main"),
-                note="Mean ± standard error over seeds (n = seeds; the 95 % t-interval is in results.csv) for the "
+                note="Mean ± standard error over seeds (n = seeds; t-intervals are in results.csv) for the "
                      "fine-tuned models; the base row is the model before fine-tuning, ± lm-eval's question-level "
                      "standard error. acc / acc_norm as lm-eval defines them.")
 def table_main(rows):
@@ -65,9 +65,9 @@ def table_main(rows):
 
 @register_table("distill_diffs", EXP, "Paired differences: LESS − random (same seed and budget), full − base",
                 sources="distill_summary",
-                note="Mean difference of accuracy with its 95 % t-interval over seeds (degenerate for one seed). "
-                     "full − base also against question sampling: the difference over the unpaired standard "
-                     "error sqrt(se_full² + se_base²) (conservative; ≥ 2 = resolved).")
+                note="Mean difference of accuracy with its t-interval over seeds (CI low / high; degenerate for "
+                     "one seed). full − base also against question sampling: z = the difference over the unpaired "
+                     "standard error of the two accuracies (conservative; resolved when z is at least two).")
 def table_diffs(rows):
     s = _summary(rows)
     d = s[s["method"].isin(["less-random", "full-base"]) & s["p.task"].isin(list(TASKS))]
@@ -82,14 +82,14 @@ def table_diffs(rows):
             n = int(h.loc[h["metric"] == f"{m}_diff_mean", "n"].iloc[0])
             z = h.loc[h["metric"] == f"{m}_diff_z", "value"]
             out.append({"setting": setting, "difference": method, "budget": int(budget), "task": TASKS[task],
-                        "metric": m, "mean": v["mean"].iloc[0], "95% CI": f"[{v['ci95_low'].iloc[0]:+.4f}, "
-                        f"{v['ci95_high'].iloc[0]:+.4f}]", "seeds": n,
+                        "metric": m, "mean": v["mean"].iloc[0], "CI low": v["ci95_low"].iloc[0],
+                        "CI high": v["ci95_high"].iloc[0], "seeds": n,
                         "z vs question sampling": z.iloc[0] if len(z) else "—"})
     return pd.DataFrame(out)
 
 
 @register_figure("accuracy_vs_budget", experiment=EXP, sources=("distill_summary", "distill_main"),
-                 title="Accuracy vs number of training examples per method (mean and 95 % CI over seeds; "
+                 title="Accuracy vs number of training examples per method (mean and t-interval over seeds; "
                        "dashed: the base model)")
 def accuracy_vs_budget(df):
     s = _summary(df)
