@@ -80,6 +80,8 @@ class SFTConfig:
     batch_size: int = 8             # per process, per micro-batch
     grad_accum: int = 1
     weight_decay: float = 0.0
+    optimizer: str = "adamw"        # adamw | sgd (MTT-style experts)
+    momentum: float = 0.0           # sgd only
     max_grad_norm: float = 1.0
     mixed_precision: str = "fp32"   # fp32 | bf16
     max_len: int = 512              # tokens per example (prompt cut from the left first, see encode_example)
@@ -116,6 +118,7 @@ class SFTConfig:
         return TrainConfig(
             max_steps=self.max_steps or 1, epochs=None if self.max_steps else self.epochs,
             batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr, weight_decay=self.weight_decay,
+            optimizer=self.optimizer, momentum=self.momentum,
             warmup_ratio=self.warmup_ratio, lr_schedule=self.lr_schedule, decay_fraction=self.decay_fraction,
             max_grad_norm=self.max_grad_norm, mixed_precision="bf16" if self.mixed_precision == "bf16" else "no",
             checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,

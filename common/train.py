@@ -65,6 +65,8 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per optimizer update
     lr: float = 3e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"        # adamw | sgd (MTT's experts: plain SGD, constant rate)
+    momentum: float = 0.0           # sgd only
     warmup_steps: int = 0
     warmup_ratio: float = 0.0       # used when warmup_steps == 0: ceil(ratio * max_steps) (HF's rule)
     lr_schedule: str = "cosine"     # cosine | linear | constant | wsd (warmup-stable-decay)
@@ -106,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if min(self.eval_every, self.snapshot_every, self.checkpoint_every, self.warmup_steps) < 0:
             raise ValueError("train.eval_every, snapshot_every, checkpoint_every and warmup_steps must be >= 0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"train.optimizer must be adamw|sgd, got {self.optimizer!r}")
         if self.log_with not in TRACKERS:
             raise ValueError(f"train.log_with must be {'|'.join(TRACKERS)}, got {self.log_with!r}")
         if isinstance(self.trainable, str):
@@ -555,7 +559,8 @@ def train(
     to the trackers of ``cfg.log_with`` and, with ``run`` (a ``common.results.Run``) and ``curve_table``,
     become rows (metric ``train_loss`` every ``log_every`` steps, ``val_loss`` at each evaluation;
     method ``curve_method``, params ``{"step": s, **curve_params}``). A resumed run logs rows from its
-    resume step on. If ``optimizer`` is None, AdamW over the parameters with ``requires_grad``.
+    resume step on. If ``optimizer`` is None, ``cfg.optimizer`` (AdamW or SGD) over the parameters with
+    ``requires_grad``.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -589,8 +594,10 @@ def train(
     loader = DataLoader(dataset, batch_sampler=GlobalBatchSampler(sampler, cfg.batch_size, accelerator.num_processes),
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
     if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = (torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                     if cfg.optimizer == "sgd" else
+                     torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay))
     if scheduler is None:
         scheduler = _make_scheduler(optimizer, cfg, accelerator.num_processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exp_distill_data.distill import DistillConfig
 from exp_distill_data.source import SourceConfig
 
 STAGES = ("data", "source", "base_eval", "less_warmup", "less_features", "less_select", "train", "evaluate",
-          "table")
+          "experts", "distill", "project", "students", "students_eval", "table")
 METHODS = ("full", "random", "less")
 OFFLINE_SOURCE = "opt_local"   # the OPT-architecture source pretrained by the `source` stage
 
@@ -62,6 +63,47 @@ class LessConfig:
 
 
 @dataclass
+class ExpertConfig:
+    """The expert trajectories (stage ``experts``): the distiller's LoRA (finetune.r / alpha / targets)
+    trained on the full pool, K runs. MTT's experts: plain SGD at a constant rate, no clipping, snapshots
+    of the parameters along the way; LoRA dropout off so that the inner loop's deterministic SGD steps
+    are the same kind of step. Anchor defaults, not the paper's (it gives none)."""
+
+    runs: int = 2                      # K expert runs (seeds seed, seed+1, ...): "the full dataset used several times"
+    epochs: float = 2.0                # passes over the pool per run
+    optimizer: str = "sgd"             # sgd (MTT) | adamw (an inner SGD student then matches only the path's shape)
+    lr: float = 0.3                    # SGD moves LoRA slowly: a rate far above AdamW's
+    momentum: float = 0.0
+    max_grad_norm: float = 0.0         # MTT does not clip
+    batch_size: int = 8
+    snapshot_every: int = 2            # s: optimizer steps between snapshots (one trajectory point)
+    max_len: int = 128                 # tokens per example (the synthetic sequences are as long)
+
+
+@dataclass
+class DistillSection:
+    """Part 2: the trajectory-matching method (``exp_distill_data.distill``) and its students."""
+
+    # the models that distil (each with its own experts): [] = every setting's selector. Distilling through
+    # SmolLM2-135M's 30 layers costs minutes per outer iteration on 2 CPU cores (bench), so CPU profiles
+    # distil with the OPT source only: the paper's OPT -> Llama transfer
+    distillers: list[str] = field(default_factory=lambda: ["opt_local"])
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    match: DistillConfig = field(default_factory=DistillConfig)   # N, M, iterations, regulariser, ...
+    # "ours" uses match.reg; "ours_noreg" the same with no regulariser (the paper's ablation)
+    variants: list[str] = field(default_factory=lambda: ["ours", "ours_noreg"])
+    # extra variants of "ours" for the ablation table, as dotted overrides of `match`
+    # (e.g. "syn_steps=1", "metric=cosine", "init=random", "reg=admm"), on the first setting's
+    # distiller, the first budget and the first seed
+    ablations: list[str] = field(default_factory=list)
+    embedding_student: bool = True     # also train the distiller on the continuous embeddings (no projection)
+    source_student: bool = True        # also train the distiller itself on the projected text (X -> X)
+
+
+VARIANTS = ("ours", "ours_noreg")
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "mmlu"])
     arc_questions: int = 200           # stratified, fixed-seed subsample of ARC-Easy test (2,376); 0 = all
@@ -90,6 +132,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     less: LessConfig = field(default_factory=LessConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def validate(self) -> None:
         for s in self.settings:
@@ -106,8 +149,41 @@ class Config:
             raise ValueError("seeds must hold at least one seed")
         if not 0 < self.less.warmup_fraction <= 1:
             raise ValueError("less.warmup_fraction must be in (0, 1]")
+        self.distill.match.validate()
+        sel = {s for s, _ in self.pairs()}
+        if any(d not in sel for d in self.distill.distillers):
+            raise ValueError(f"distill.distillers {self.distill.distillers} must be selectors of settings "
+                             f"({sorted(sel)})")
+        bad = [v for v in self.distill.variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"distill.variants: unknown {bad}; known: {list(VARIANTS)}")
+        for a in self.distill.ablations:
+            parse_ablation(a)
+        if self.distill.experts.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"distill.experts.optimizer must be sgd|adamw, got {self.distill.experts.optimizer!r}")
+        if self.distill.experts.runs < 1 or self.distill.experts.snapshot_every < 1:
+            raise ValueError("distill.experts.runs and distill.experts.snapshot_every must be >= 1")
         if self.finetune.method not in ("lora", "full"):
             raise ValueError(f"finetune.method must be lora|full, got {self.finetune.method!r}")
 
     def pairs(self) -> list[tuple[str, str]]:
         return [tuple(p.strip() for p in s.split("->")) for s in self.settings]  # type: ignore[misc]
+
+
+def parse_ablation(spec: str) -> dict:
+    """``"syn_steps=1,metric=cosine"`` -> {"syn_steps": 1, "metric": "cosine"}, checked against DistillConfig."""
+    import dataclasses
+
+    import yaml
+
+    known = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    out = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"distill.ablations: '{spec}' must be key=value pairs of distill.match "
+                             f"({', '.join(known)})")
+        out[key] = yaml.safe_load(value)
+    DistillConfig(**out).validate()
+    return out

@@ -1,5 +1,7 @@
-"""Instruction-data distillation vs selection (Yao et al., arXiv 2504.09818), part 1: data, source and target
-models, LoRA fine-tuning, and the full / random / LESS baselines at equal budget on ARC-Easy and MMLU.
+"""Instruction-data distillation vs selection (Yao et al., arXiv 2504.09818): data, source and target models,
+LoRA fine-tuning, the full / random / LESS baselines at equal budget, and the paper's method, trajectory
+matching of pseudo-prompt embeddings with a neighbour regulariser, discretised to nearest-token text and
+transferred to another architecture, on ARC-Easy and MMLU.
 
     accelerate launch exp_distill_data/run.py                      # = --profile quick (a smoke test)
     python exp_distill_data/run.py --profile small                 # the committed CPU table
@@ -9,24 +11,29 @@ models, LoRA fine-tuning, and the full / random / LESS baselines at equal budget
 
 Stages (LESS's own order, each with its outputs on disk under outputs/exp_distill_data/<stage>/<hash>/):
 data (pool, decontamination, LESS validation) -> source (OPT pretrained offline) -> base_eval ->
-less_warmup -> less_features -> less_select -> train (every method x budget x seed) -> evaluate -> table.
-The trajectory-matching distillation itself is part 2 (issue 13).
+less_warmup -> less_features -> less_select -> train (every method x budget x seed) -> evaluate ->
+experts (SGD LoRA trajectories of each distiller on the full pool) -> distill (trajectory matching per
+variant x budget x seed) -> project (nearest-token ids -> text, inspection.md) -> students (fine-tunes on the
+distilled text, and on the embeddings) -> students_eval -> table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import re
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.stages import Stage, StageContext, run_experiment
-from exp_distill_data.config import OFFLINE_SOURCE, Config
+from exp_distill_data.config import OFFLINE_SOURCE, Config, parse_ablation
 
 EXP = "exp_distill_data"
 MAIN_TABLE = "distill_main"
@@ -402,15 +409,311 @@ def stage_evaluate(ctx: StageContext) -> None:
     ctx.save_json("scores.json", all_scores)
 
 
+# ------------------------------------------------------------------------- part 2: trajectory matching
+def random_subset(pool_size: int, k: int, seed: int) -> list[int]:
+    """The random baseline's subset of a seed (also where that seed's synthetic set starts: ours - random,
+    paired by seed, is what distillation adds to its own initial data)."""
+    return sorted(random.Random(1000 + seed).sample(range(pool_size), k))
+
+
+def expert_sft(cfg: Config, seed: int, n_examples: int, world_size: int = 1):
+    """An expert run: the distiller's LoRA shape (finetune.r / alpha), MTT's optimiser and snapshots."""
+    e = cfg.distill.experts
+    if e.batch_size % world_size:
+        raise ValueError(f"distill.experts.batch_size {e.batch_size} does not split over {world_size} processes")
+    batch = min(e.batch_size, max(world_size, n_examples - n_examples % world_size)) // world_size
+    return sft_config(cfg, seed, world_size=world_size, batch_size=batch, dropout=0.0, optimizer=e.optimizer,
+                      lr=e.lr, momentum=e.momentum, lr_schedule="constant", warmup_ratio=0.0,
+                      max_grad_norm=e.max_grad_norm, epochs=e.epochs, snapshot_every=e.snapshot_every,
+                      max_len=e.max_len)
+
+
+def distillers(cfg: Config) -> list[str]:
+    return list(cfg.distill.distillers) or selectors(cfg)
+
+
+def expert_dirs(ctx: StageContext, distiller: str) -> list[Path]:
+    return [ctx.input("experts") / slug(distiller) / f"expert_{k}" for k in range(ctx.cfg.distill.experts.runs)]
+
+
+def stage_experts(ctx: StageContext) -> None:
+    """K LoRA fine-tunes of each distiller on the full pool (SGD, constant rate), trainable parameters
+    snapshotted every s steps: the trajectories that distillation matches. Each run resumes."""
+    from common.results import atomic_write_text
+    from common.sft import finetune
+    from common.train import list_snapshots
+
+    cfg = ctx.cfg
+    pool, _ = load_pool(ctx)
+    info: dict[str, list] = {}
+    for d in distillers(cfg):
+        info[d] = []
+        for k in range(cfg.distill.experts.runs):
+            folder = ctx.out_dir / slug(d) / f"expert_{k}"
+            done = folder / "expert.json"
+            if not done.is_file():
+                print(f"[{EXP}] expert {k + 1}/{cfg.distill.experts.runs} of {d}: {len(pool)} examples", flush=True)
+                model, tok = load_model(d, ctx)
+                res = finetune(model, tok, pool, expert_sft(cfg, cfg.seed + k, len(pool), ctx.world_size), folder)
+                if ctx.is_main:
+                    atomic_write_text(done, json.dumps({"steps": res.step, "final_loss": res.final_loss,
+                                                        "snapshots": len(list_snapshots(folder))}))
+                ctx.barrier()
+            rec = json.loads(done.read_text(encoding="utf-8"))
+            info[d].append(rec)
+            for metric in ("final_loss", "snapshots", "steps"):
+                ctx.log(table="distill_experts", method="expert", metric=metric, value=rec[metric], n=len(pool),
+                        params={"distiller": d, "expert": k})
+    ctx.save_json("experts.json", info)
+
+
+def distill_jobs(cfg: Config, pool_size: int) -> list[dict]:
+    """Every synthetic set: distiller x variant x budget x seed, then the ablations (first distiller,
+    first budget, first seed)."""
+    jobs = []
+    for d in distillers(cfg):
+        for variant in cfg.distill.variants:
+            for b in cfg.budgets:
+                k = budget_size(b, pool_size)
+                for seed in cfg.seeds:
+                    over = {"reg": "none"} if variant == "ours_noreg" else {}
+                    jobs.append({"distiller": d, "method": variant, "budget": k, "seed": seed, "overrides": over,
+                                 "ablation": ""})
+    if cfg.distill.ablations:
+        d, k, seed = distillers(cfg)[0], budget_size(cfg.budgets[0], pool_size), cfg.seeds[0]
+        for spec in cfg.distill.ablations:
+            jobs.append({"distiller": d, "method": f"ours[{spec}]", "budget": k, "seed": seed,
+                         "overrides": parse_ablation(spec), "ablation": spec})
+    for j in jobs:
+        j["name"] = slug(f"{j['distiller']}-{j['method']}-{j['budget']}-s{j['seed']}")
+    return jobs
+
+
+def match_config(cfg: Config, job: dict):
+    return dataclasses.replace(cfg.distill.match, seed=job["seed"], **job["overrides"])
+
+
+def distiller_model(d: str, ctx: StageContext):
+    """The distiller with the experts' (dropout-free) LoRA structure. Eager attention is forced: torch's fused
+    SDPA kernels have no double backward (pytorch/pytorch#116350) and the outer gradient needs one."""
+    from common.sft import apply_lora
+
+    model, tok = load_model(d, ctx, eager=True)
+    f = ctx.cfg.finetune
+    return apply_lora(model, f.r, f.alpha, 0.0, seed=ctx.cfg.seed), tok
+
+
+def synthetic_examples(pool: list[dict], job: dict) -> list[dict]:
+    return [pool[i] for i in random_subset(len(pool), job["budget"], job["seed"])]
+
+
+def stage_distill(ctx: StageContext) -> None:
+    """Trajectory matching (exp_distill_data.distill) for every job, shared out over the processes; each
+    job resumes from its own state file and ends with ``<job>/synthetic.pt``."""
+    from exp_distill_data.distill import build_synthetic, distill, load_trajectories, write_history
+
+    cfg = ctx.cfg
+    pool, _ = load_pool(ctx)
+    jobs = distill_jobs(cfg, len(pool))
+    mine = ctx.shard(jobs)
+    for i, job in enumerate(mine, 1):
+        folder = ctx.out_dir / job["name"]
+        if (folder / "synthetic.pt").is_file():
+            continue
+        mcfg = match_config(cfg, job)
+        print(f"[{EXP}] distill {i}/{len(mine)} {job['name']}: N={mcfg.syn_steps} M={mcfg.expert_span} "
+              f"reg={mcfg.reg} x {mcfg.iterations} iterations", flush=True)
+        model, tok = distiller_model(job["distiller"], ctx)
+        E = model.get_input_embeddings().weight
+        sft = sft_config(cfg, job["seed"], max_len=cfg.distill.experts.max_len)
+        syn = build_synthetic(tok, E, synthetic_examples(pool, job), sft, init=mcfg.init, seed=job["seed"])
+        traj = load_trajectories(expert_dirs(ctx, job["distiller"]), lr=cfg.distill.experts.lr)
+        t0 = time.process_time()
+
+        def progress(it: int, rec: dict, n: int = mcfg.iterations, every: int = mcfg.save_every,
+                     name: str = job["name"]) -> None:
+            if it % every == 0 or it == n:
+                print(f"[{EXP}]   {name} {it}/{n}: matching {rec.get('matching', float('nan')):.4f} "
+                      f"reg {rec.get('reg', float('nan')):.4g} lr {rec.get('lr', float('nan')):.4g}", flush=True)
+
+        state = distill(model, syn, traj, mcfg, folder / "work", progress=progress)
+        write_history(folder / "history.json", state, mcfg)
+        out = {**syn.tensors(), "init_embeds": syn.embeds, "embeds": state.embeds.detach().cpu()}
+        meta = {"lr": state.lr, "seconds": sum(r["seconds"] for r in state.history),
+                "cpu_seconds_this_process": time.process_time() - t0,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "examples": random_subset(len(pool), job["budget"], job["seed"])}
+        from common.results import atomic_write_text
+
+        atomic_write_text(folder / "meta.json", json.dumps(meta, sort_keys=True))
+        tmp = folder / f".tmp-{os.getpid()}-synthetic.pt"
+        torch.save(out, tmp)
+        os.replace(tmp, folder / "synthetic.pt")   # last: marks a finished job
+        del model
+    ctx.barrier()
+    for job in jobs:
+        folder = ctx.out_dir / job["name"]
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        hist = json.loads((folder / "history.json").read_text(encoding="utf-8"))["history"]
+        done = [r for r in hist if "matching" in r]
+        p = {"distiller": job["distiller"], "budget": job["budget"], "seed": job["seed"], "ablation": job["ablation"]}
+        for metric, value in [("inner_lr", meta["lr"]), ("seconds", meta["seconds"]),
+                              ("matching_first", done[0]["matching"] if done else float("nan")),
+                              ("matching_last", done[-1]["matching"] if done else float("nan")),
+                              ("matching_last10_mean", sum(r["matching"] for r in done[-10:]) / max(len(done[-10:]),
+                                                                                                  1)),
+                              ("skipped_starts", sum(1 for r in hist if r.get("skipped")))]:
+            ctx.log(table="distill_match", method=job["method"], metric=metric, value=float(value), params=p)
+    ctx.save_json("jobs.json", jobs)
+
+
+def stage_project(ctx: StageContext) -> None:
+    """Nearest-token ids at every learnable position -> text with the distiller's tokenizer; distances before
+    and after distillation, positions whose nearest token changed, whether the text re-tokenises to the same
+    ids; ``<job>/examples.jsonl`` (the distilled data) and ``inspection.md`` (read what the method produced)."""
+    from exp_distill_data.project import inspection_markdown, project_synthetic
+
+    cfg = ctx.cfg
+    pool, _ = load_pool(ctx)
+    jobs = ctx.load_json("distill", "jobs.json")
+    sections = []
+    for d in distillers(cfg):
+        model, tok = load_model(d, ctx)
+        E = model.get_input_embeddings().weight.detach()
+        for job in (j for j in jobs if j["distiller"] == d):
+            syn = torch.load(ctx.input("distill") / job["name"] / "synthetic.pt", weights_only=True)
+            res = project_synthetic(syn, E, tok, synthetic_examples(pool, job), metric=match_config(cfg, job).metric)
+            if ctx.is_main:
+                (ctx.out_dir / job["name"]).mkdir(parents=True, exist_ok=True)
+                write_jsonl(ctx.path(f"{job['name']}/examples.jsonl"), res["examples"])
+            ctx.save_json(f"{job['name']}/stats.json", res["stats"])
+            p = {"distiller": d, "budget": job["budget"], "seed": job["seed"], "ablation": job["ablation"]}
+            for metric, value in res["stats"].items():
+                ctx.log(table="distill_projection", method=job["method"], metric=metric, value=float(value), params=p)
+            sections.append((job, res))
+        del model
+    if ctx.is_main:
+        from common.results import atomic_write_text
+
+        atomic_write_text(ctx.path("inspection.md"), inspection_markdown(sections))
+
+
+def student_runs(cfg: Config, pool_size: int) -> list[dict]:
+    """Fine-tunes on the distilled sets: the text on each trainer of the distiller's settings (and on the
+    distiller itself, X -> X), the continuous embeddings on the distiller (``<variant>_emb``). Ablation sets
+    train the settings' trainers only."""
+    runs = []
+    for job in distill_jobs(cfg, pool_size):
+        d = job["distiller"]
+        text_to = {t for s, t in cfg.pairs() if s == d}
+        if cfg.distill.source_student and not job["ablation"]:
+            text_to.add(d)
+        kinds = [("text", t, job["method"]) for t in sorted(text_to)]
+        if cfg.distill.embedding_student and not job["ablation"]:
+            kinds.append(("emb", d, f"{job['method']}_emb"))
+        for kind, trainer, method in kinds:
+            name = slug(f"{trainer}-{kind}-{job['name']}")
+            runs.append({"name": name, "kind": kind, "trainer": trainer, "method": method, "budget": job["budget"],
+                         "seed": job["seed"], "set": job["name"], "selector": d, "settings": [[d, trainer]],
+                         "ablation": job["ablation"]})
+    return runs
+
+
+def _train_on_embeddings(ctx: StageContext, run: dict, folder: Path):
+    """The embedding-level student: a fresh LoRA on the distiller trained on the continuous synthetic inputs
+    (no projection), with the same fine-tuning recipe as every other student."""
+    from common.sft import prepare_model
+    from common.train import train
+    from exp_distill_data.distill import SyntheticSet, student_inputs
+
+    model, _ = load_model(run["trainer"], ctx)
+    syn = torch.load(ctx.input("distill") / run["set"] / "synthetic.pt", weights_only=True)
+    s = SyntheticSet.from_tensors(syn)
+    E = model.get_input_embeddings().weight
+    inputs = student_inputs(s, syn["embeds"].to(E.device), E)
+    rows = [{k: v[i].detach().cpu() for k, v in inputs.items()} for i in range(len(s))]
+    sft = sft_config(ctx.cfg, run["seed"], len(rows), ctx.world_size)
+    model = prepare_model(model, sft)
+    return train(model, rows, sft.train_config(), folder / "train",
+                 collate_fn=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+
+
+def stage_students(ctx: StageContext) -> None:
+    """Fine-tune every student (``student_runs``); each run resumes, a finished one (adapter saved) is skipped."""
+    from common.results import atomic_write_text
+    from common.sft import finetune, save_trainable
+
+    cfg = ctx.cfg
+    pool, _ = load_pool(ctx)
+    runs = student_runs(cfg, len(pool))
+    for i, r in enumerate(runs, 1):
+        folder = ctx.out_dir / r["name"]
+        if not (folder / "adapter.safetensors").is_file():
+            print(f"[{EXP}] students {i}/{len(runs)} {r['name']}", flush=True)
+            if r["kind"] == "emb":
+                res, n = _train_on_embeddings(ctx, r, folder), r["budget"]
+            else:
+                examples = read_jsonl(ctx.input("project") / r["set"] / "examples.jsonl")
+                model, tok = load_model(r["trainer"], ctx)
+                res = finetune(model, tok, examples, sft_config(cfg, r["seed"], len(examples), ctx.world_size),
+                               folder / "train")
+                n = len(examples)
+            if ctx.is_main:
+                atomic_write_text(folder / "train.json", json.dumps(
+                    {"steps": res.step, "final_loss": res.final_loss, "examples": n}))
+                save_trainable(res.model, folder / "adapter.safetensors")
+            ctx.barrier()
+        info = json.loads((folder / "train.json").read_text(encoding="utf-8"))
+        ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
+                n=info["examples"], params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
+                                            "selector": r["selector"], "ablation": r["ablation"]})
+    ctx.save_json("runs.json", runs)
+
+
+def stage_students_eval(ctx: StageContext) -> None:
+    """Evaluate every student on the same questions as the baselines, and the base model of any distiller
+    that is not a settings' trainer (the floor of its X -> X rows)."""
+    cfg = ctx.cfg
+    runs = ctx.load_json("students", "runs.json")
+    pool, _ = load_pool(ctx)
+
+    def load(r: dict):
+        from common.sft import apply_lora, load_trainable
+
+        model, tok = load_model(r["trainer"], ctx)
+        sft = sft_config(cfg, r["seed"])
+        if sft.method == "lora":
+            model = apply_lora(model, sft.r, sft.alpha, sft.dropout)
+        load_trainable(model, ctx.input("students") / r["name"] / "adapter.safetensors")
+        return model, tok
+
+    extra_base = sorted({r["trainer"] for r in runs} - set(trainers(cfg)))
+    jobs = [(f"base-{slug(t)}", lambda t=t: load_model(t, ctx)) for t in extra_base]
+    jobs += [(r["name"], lambda r=r: load(r)) for r in runs]
+    scores = run_eval_jobs(ctx, jobs)
+    for t in extra_base:
+        log_eval(ctx, scores[f"base-{slug(t)}"], "base", {**pair_params(t, t), "budget": 0, "seed": -1})
+    for r in runs:
+        log_eval(ctx, scores[r["name"]], r["method"], {**pair_params(r["selector"], r["trainer"]),
+                                                      "budget": r["budget"], "budget_frac": r["budget"] / len(pool),
+                                                      "seed": r["seed"], "ablation": r["ablation"]})
+    ctx.save_json("scores.json", {r["name"]: scores[r["name"]] for r in runs})
+    ctx.save_json("base_scores.json", {t: scores[f"base-{slug(t)}"] for t in extra_base})
+
+
 # -------------------------------------------------------------------------------------------- table
 def stage_table(ctx: StageContext) -> None:
-    """Mean ± std over seeds with 95 % t-intervals, and paired differences (LESS - random by seed,
-    full - base), as rows of table distill_summary."""
+    """Mean ± std over seeds with 95 % t-intervals, and paired differences (by seed: LESS - random,
+    ours - random, ours - LESS, ours - ours_noreg, ...; full - base), as rows of table distill_summary."""
     from exp_distill_data.table import summary_rows
 
     base = ctx.load_json("base_eval", "scores.json")
     runs = ctx.load_json("train", "runs.json")
     scores = ctx.load_json("evaluate", "scores.json")
+    if ctx.has_input("students_eval"):  # part 2's rows, when its stages ran
+        base = {**base, **ctx.load_json("students_eval", "base_scores.json")}
+        runs = runs + ctx.load_json("students", "runs.json")
+        scores = {**scores, **ctx.load_json("students_eval", "scores.json")}
     rows = summary_rows(ctx.cfg, base, runs, scores)
     for row in rows:
         ctx.log(**row)
@@ -430,7 +733,17 @@ STAGES = [
     Stage("train", stage_train, config_keys=("seeds", "full_seeds", "methods", "budgets", "finetune"),
           inputs=("data", "source", "less_select"), resumable=True),
     Stage("evaluate", stage_evaluate, config_keys=("eval",), inputs=("data", "source", "train"), resumable=True),
-    Stage("table", stage_table, inputs=("base_eval", "train", "evaluate"), cache=False),
+    Stage("experts", stage_experts, inputs=("data", "source"), resumable=True,
+          config_keys=("seed", "settings", "finetune", "distill.distillers", "distill.experts")),
+    Stage("distill", stage_distill, config_keys=("seeds", "budgets", "finetune", "distill"),
+          inputs=("data", "source", "experts"), resumable=True),
+    Stage("project", stage_project, config_keys=("distill",), inputs=("data", "source", "distill")),
+    Stage("students", stage_students, config_keys=("finetune", "distill"), inputs=("data", "source", "distill",
+                                                                                  "project"), resumable=True),
+    Stage("students_eval", stage_students_eval, config_keys=("eval",), inputs=("data", "source", "students"),
+          resumable=True),
+    Stage("table", stage_table, inputs=("base_eval", "train", "evaluate"),
+          optional_inputs=("students", "students_eval"), cache=False),
 ]
 
 

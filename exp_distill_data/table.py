@@ -1,9 +1,10 @@
 """The paper-layout table: mean ± std over seeds with 95 % t-intervals, and paired differences.
 
 Rows of ``distill_summary`` (one per setting x method x budget x task x metric): ``<metric>_mean`` (stderr =
-std / sqrt(n)), ``<metric>_std``, ``<metric>_ci95_low`` / ``_high``; paired differences ``less-random`` (by
-seed, same budget) and ``full-base`` (each full seed minus the base model) as ``<metric>_diff_*``; for
-full - base also the question-level standard error of the difference and its z (``_question_level``).
+std / sqrt(n)), ``<metric>_std``, ``<metric>_ci95_low`` / ``_high``; paired differences (``PAIRED``: by seed,
+same setting and budget, e.g. ``less-random``, ``ours-less``, ``ours-ours_noreg``) and ``full-base`` (each
+full seed minus the base model) as ``<metric>_diff_*``; for full - base also the question-level standard
+error of the difference and its z (``_question_level``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from scipy import stats
 
 TABLE = "distill_summary"
 METRICS = ("acc", "acc_norm")
+# (a, b): rows "a-b" of the seed-paired differences. ours starts from random's subset of the same seed, so
+# ours - random is what distillation adds to its initial data; ours - ours_noreg is the regulariser's effect;
+# ours_emb - ours is what the projection to tokens costs (on the distiller, whose text student is X -> X).
+PAIRED = (("less", "random"), ("ours", "random"), ("ours", "less"), ("ours_noreg", "random"),
+          ("ours_noreg", "less"), ("ours", "ours_noreg"), ("ours_emb", "ours"), ("ours_noreg_emb", "ours_noreg"))
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> dict[str, float]:
@@ -75,12 +81,15 @@ def summary_rows(cfg: Any, base: dict, runs: list[dict], scores: dict) -> list[d
     # paired differences
     for (setting, method, budget, task, m) in sorted(per):
         p = {"setting": setting, "budget": budget, "task": task}
-        if method == "less":
-            pairs = [(v, by_seed.get((setting, "random", budget, task, m, seed)))
-                     for (*k, seed), v in by_seed.items() if tuple(k) == (setting, "less", budget, task, m)]
-            diffs = [a - b for a, b in pairs if b is not None]
+        ablation = [(method, "ours")] if method.startswith("ours[") else []  # an ablation vs ours, same seed
+        for a, b in [*PAIRED, *ablation]:
+            if method != a:
+                continue
+            pairs = [(v, by_seed.get((setting, b, budget, task, m, seed)))
+                     for (*k, seed), v in by_seed.items() if tuple(k) == (setting, a, budget, task, m)]
+            diffs = [x - y for x, y in pairs if y is not None]
             if diffs:
-                rows += _rows("less-random", m, diffs, p, diff=True)
+                rows += _rows(f"{a}-{b}", m, diffs, p, diff=True)
         if method == "full":
             trainer = setting.split("->")[1]
             floor = base.get(trainer, {}).get(task, {}).get(m)
