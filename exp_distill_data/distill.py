@@ -49,7 +49,7 @@ class DistillConfig:
     # Adam on the embeddings (reverse-training: Adam; MTT: SGD lr 1000 on pixels), as a fraction of the
     # embedding matrix's std: Adam's step is about lr per coordinate whatever the gradient's size, so an
     # absolute rate would mean different things for models with different embedding scales
-    lr_embeds: float = 1e-2
+    lr_embeds: float = 0.1
     lr_lr: float = 1e-2             # Adam on log(inner rate): multiplicative steps keep the rate > 0
     init_lr: float = 0.0            # initial inner rate; 0 = the experts' own rate (MTT: syn_lr = lr_teacher)
     reg: str = "nearest"            # nearest (λ · distance to the nearest token row) | admm | none
