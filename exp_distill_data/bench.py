@@ -1,6 +1,8 @@
 """LESS feature throughput: per-example gradient features/s through torch.func (vmap over grad) against the
 per-example backward loop (LESS's own way), on the same real pool examples, the same LoRA model and the same
-projection; then the evaluation benchmark (fast multiple-choice backend vs lm-eval's HFLM, common.eval_bench).
+projection; then the evaluation benchmark (fast multiple-choice backend vs lm-eval's HFLM, common.eval_bench);
+then the trajectory-matching benchmark (bench_distill.py: an outer iteration vs N fine-tuning steps, time and
+peak memory vs N, with and without checkpointing of the inner steps).
 
     python exp_distill_data/bench.py                       # SmolLM2-135M-Instruct + LoRA r 8, 32 examples
     python exp_distill_data/bench.py --examples 64 --skip-eval
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="alternate the methods this often, keep each's best")
     ap.add_argument("--eval-questions", type=int, default=100, help="ARC-Easy questions for the eval benchmark")
-    ap.add_argument("--skip-eval", action="store_true", help="only the feature benchmark")
+    ap.add_argument("--skip-eval", action="store_true", help="no evaluation benchmark")
+    ap.add_argument("--skip-distill", action="store_true", help="no trajectory-matching benchmark")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--no-record"] if args.no_record else []
         rc |= eval_bench.main(["--model", args.model, "--questions", str(args.eval_questions), "--threads",
                                str(args.threads), "--batch-size", "16", *extra])
+    if not args.skip_distill:
+        from exp_distill_data import bench_distill
+
+        rc |= bench_distill.main(["--threads", str(args.threads), *(["--no-record"] if args.no_record else [])])
     return rc
 
 

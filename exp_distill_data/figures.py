@@ -4,6 +4,8 @@ the paired differences, and accuracy vs budget per method."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -12,7 +14,12 @@ from common.report import PM, register_table, select
 
 EXP = "exp_distill_data"
 TASKS = {"arc_easy": "ARC-Easy", "mmlu@0shot": "MMLU 0-shot", "mmlu@5shot": "MMLU 5-shot"}
-METHOD_ORDER = ["base", "full", "random", "less"]
+METHOD_ORDER = ["base", "full", "random", "less", "ours", "ours_noreg", "ours_emb", "ours_noreg_emb"]
+
+
+def _order(method: str) -> tuple[int, str]:
+    # ablations ("ours[syn_steps=4]") after the main methods, alphabetically
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -28,17 +35,19 @@ def _base(rows: pd.DataFrame) -> pd.DataFrame:
     return t.assign(**{"p.task": task})
 
 
-@register_table("distill_main", EXP, "Fine-tuning on full / random / LESS-selected data: accuracy per setting",
-                sources=("distill_summary", "distill_main"),
+@register_table("distill_main", EXP, "Fine-tuning on full / random / LESS-selected / distilled data: accuracy per "
+                "setting", sources=("distill_summary", "distill_main"),
                 note="Mean ± standard error over seeds (n = seeds; t-intervals are in results.csv) for the "
                      "fine-tuned models; the base row is the model before fine-tuning, ± lm-eval's question-level "
-                     "standard error. acc / acc_norm as lm-eval defines them.")
+                     "standard error. acc / acc_norm as lm-eval defines them. ours = trajectory matching with the "
+                     "neighbour regulariser, projected to tokens; ours_noreg = without it; *_emb = the distiller "
+                     "trained on the continuous embeddings (no projection); ours[...] = one-seed ablations.")
 def table_main(rows):
     s = _summary(rows)
     if s.empty:
         return None
     out = []
-    means = s[s["metric"].isin(["acc_mean", "acc_norm_mean"]) & s["method"].isin(METHOD_ORDER)]
+    means = s[s["metric"].isin(["acc_mean", "acc_norm_mean"]) & ~s["method"].str.contains("-", regex=False)]
     base = _base(rows)
     for setting in sorted(means["p.setting"].unique()):
         b = base[base["p.setting"] == setting]
@@ -52,7 +61,7 @@ def table_main(rows):
             out.append(cells)
         g = means[means["p.setting"] == setting]
         for (method, budget), h in sorted(g.groupby(["method", "p.budget"]),
-                                          key=lambda kv: (METHOD_ORDER.index(kv[0][0]), kv[0][1])):
+                                          key=lambda kv: (_order(kv[0][0]), kv[0][1])):
             cells = {"setting": setting, "method": method, "budget": int(budget), "seeds": int(h["n"].max())}
             for task, label in TASKS.items():
                 for m in ("acc", "acc_norm"):
@@ -63,14 +72,14 @@ def table_main(rows):
     return pd.DataFrame(out)
 
 
-@register_table("distill_diffs", EXP, "Paired differences: LESS − random (same seed and budget), full − base",
-                sources="distill_summary",
+@register_table("distill_diffs", EXP, "Paired differences (same seed and budget): LESS − random, ours − LESS, "
+                "ours − random, ours − ours_noreg, …; full − base", sources="distill_summary",
                 note="Mean difference of accuracy with its t-interval over seeds (CI low / high; degenerate for "
                      "one seed). full − base also against question sampling: z = the difference over the unpaired "
                      "standard error of the two accuracies (conservative; resolved when z is at least two).")
 def table_diffs(rows):
     s = _summary(rows)
-    d = s[s["method"].isin(["less-random", "full-base"]) & s["p.task"].isin(list(TASKS))]
+    d = s[s["method"].str.contains("-", regex=False) & s["p.task"].isin(list(TASKS))]
     if d.empty:
         return None
     out = []
@@ -104,7 +113,7 @@ def accuracy_vs_budget(df):
         for j, task in enumerate(tasks):
             ax = axes[i][j]
             g = s[(s["p.setting"] == setting) & (s["p.task"] == task)]
-            for method in ("full", "random", "less"):
+            for method in ("full", "random", "less", "ours", "ours_noreg"):
                 h = g[g["method"] == method]
                 w = h.pivot_table(index="p.budget", columns="metric", values="value")
                 if "acc_mean" not in w:
@@ -122,3 +131,61 @@ def accuracy_vs_budget(df):
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _per_method(t: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean over seeds of each metric per (distiller, method, budget, ablation)."""
+    if t.empty:
+        return t
+    keys = ["p.distiller", "method", "p.budget", "p.ablation"]
+    w = t[t["metric"].isin(metrics)].groupby([*keys, "metric"])["value"].agg(["mean", "count"]).reset_index()
+    out = w.pivot_table(index=keys, columns="metric", values="mean").reset_index()
+    seeds = w.groupby(keys)["count"].max().reset_index(drop=True)
+    out = out.rename(columns={"p.distiller": "distiller", "p.budget": "budget", "p.ablation": "ablation"})
+    out.insert(4, "seeds", seeds.values)
+    return out[["distiller", "method", "budget", "seeds", *[m for m in metrics if m in out]]]
+
+
+@register_table("distill_match", EXP, "Trajectory matching: the normalised matching loss at the first and last "
+                "outer iterations, the learnt inner rate, time per synthetic set",
+                note="Means over seeds. matching = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² at a random expert "
+                     "start (1 = no better than staying at the start); last10 = mean of the last ten iterations.")
+def table_match(rows):
+    t = select(rows, "distill_match", needs=("p.distiller", "p.budget", "p.ablation"))
+    return _per_method(t, ["matching_first", "matching_last10_mean", "inner_lr", "seconds", "skipped_starts"])
+
+
+@register_table("distill_projection", EXP, "Projection to tokens: distance of the learnt prompt vectors to their "
+                "nearest token, positions whose nearest token changed, prompts unchanged",
+                note="Means over seeds. Distances in the projection metric (L2 unless the ablation says cosine); "
+                     "before = the initial vectors (0 for a real-data start). retokenise_exact = decoded text "
+                     "that the distiller's tokenizer encodes back to the same ids. Read the sets themselves in "
+                     "the project stage's inspection.md.")
+def table_projection(rows):
+    t = select(rows, "distill_projection", needs=("p.distiller", "p.budget", "p.ablation"))
+    return _per_method(t, ["nn_distance_before_mean", "nn_distance_after_mean", "changed_fraction",
+                           "prompt_unchanged_fraction", "retokenise_exact_fraction"])
+
+
+COST_STAGES = {"less_warmup": "LESS selection", "less_features": "LESS selection", "less_select": "LESS selection",
+               "experts": "distillation", "distill": "distillation", "project": "distillation",
+               "train": "fine-tuning (every baseline run)", "students": "fine-tuning (every student)"}
+
+
+@register_table("distill_cost", EXP, "Cost per stage of the committed small profile: LESS's selection, "
+                "distillation (experts + trajectory matching + projection), fine-tuning",
+                sources="stage_time",
+                note="Wall seconds of each stage in the run that computed it (the threads of the run's config; "
+                     "the device column of results.csv names the CPU). Peak memory of one outer iteration vs N is "
+                     "in the distill_bench_tm rows.")
+def table_cost(rows):
+    t = select(rows, "stage_time")
+    if t.empty or "profile" not in t:
+        return None
+    t = t[(t["experiment"] == EXP) & (t["profile"] == "small") & t["method"].isin(list(COST_STAGES))]
+    if t.empty:
+        return None
+    t = t.sort_values("end_time").groupby("method").tail(1)   # the latest run of each stage
+    out = pd.DataFrame({"stage": t["method"], "part of": t["method"].map(COST_STAGES),
+                        "wall seconds": t["value"], "run": t["run_id"]})
+    return out.sort_values(["part of", "stage"]).reset_index(drop=True)

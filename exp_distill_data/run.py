@@ -350,7 +350,7 @@ def subset_for(run: dict, pool: list[dict], selection: dict) -> list[dict]:
     if run["method"] == "full":
         return pool
     if run["method"] == "random":  # the subset seed is the run's seed: same subsets for every trainer
-        return [pool[i] for i in sorted(random.Random(1000 + run["seed"]).sample(range(len(pool)), run["budget"]))]
+        return [pool[i] for i in random_subset(len(pool), run["budget"], run["seed"])]
     return [pool[i] for i in selection[run["selector"]][str(run["budget"])]]
 
 

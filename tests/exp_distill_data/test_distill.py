@@ -305,3 +305,41 @@ def test_sigkilled_distillation_resumes_to_the_uninterrupted_result(tmp_path, re
     b = torch.load(tmp_path / "k" / "final.pt", weights_only=False)
     assert torch.equal(a["embeds"], b["embeds"]) and a["lr"] == b["lr"] and a["history"] == b["history"]
     assert len(a["history"]) == 9
+
+
+def test_config_errors_name_the_key():
+    from exp_distill_data.config import Config, parse_ablation
+
+    assert parse_ablation("syn_steps=4,metric=cosine") == {"syn_steps": 4, "metric": "cosine"}
+    for spec, key in [("steps=4", "distill.ablations"), ("metric=manhattan", "distill.metric"),
+                      ("syn_steps", "distill.ablations")]:
+        with pytest.raises(ValueError, match=key):
+            parse_ablation(spec)
+    cfg = Config()
+    cfg.distill.variants = ["ours", "mine"]
+    with pytest.raises(ValueError, match="distill.variants"):
+        cfg.validate()
+    cfg = Config()
+    cfg.distill.distillers = ["gpt2"]
+    with pytest.raises(ValueError, match="distill.distillers"):
+        cfg.validate()
+
+
+def test_jobs_and_students_cover_every_variant_seed_and_setting():
+    from exp_distill_data.config import Config
+    from exp_distill_data.run import distill_jobs, random_subset, student_runs
+
+    cfg = Config(settings=["opt_local->smol", "smol->smol"], seeds=[0, 1, 2], budgets=[0.05, 0.1])
+    cfg.distill.ablations = ["init=random"]
+    jobs = distill_jobs(cfg, 400)
+    assert len(jobs) == 2 * 2 * 3 + 1 and len({j["name"] for j in jobs}) == len(jobs)
+    assert {j["distiller"] for j in jobs} == {"opt_local"}
+    assert all(j["overrides"] == {"reg": "none"} for j in jobs if j["method"] == "ours_noreg")
+    runs = student_runs(cfg, 400)
+    main = [r for r in runs if not r["ablation"]]
+    # each main set: text on the setting's trainer and on the distiller itself, and the embedding student
+    assert len(main) == 12 * 3 and len([r for r in runs if r["ablation"]]) == 1
+    assert {(r["kind"], r["trainer"]) for r in main} == {("text", "smol"), ("text", "opt_local"), ("emb", "opt_local")}
+    # a seed's synthetic set starts from the random baseline's subset of that seed (subset_for uses it too)
+    import random
+    assert random_subset(400, 20, 1) == sorted(random.Random(1001).sample(range(400), 20))
