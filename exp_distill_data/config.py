@@ -85,8 +85,8 @@ class DistillSection:
     """Part 2: the trajectory-matching method (``exp_distill_data.distill``) and its students."""
 
     # the models that distil (each with its own experts): [] = every setting's selector. Distilling through
-    # SmolLM2-135M's 30 layers costs minutes per outer iteration on 2 CPU cores (bench), so CPU profiles
-    # distil with the OPT source only: the paper's OPT -> Llama transfer
+    # SmolLM2-135M's 30 layers costs tens of seconds per outer iteration on 2 CPU cores (bench_distill),
+    # so CPU profiles distil with the OPT source only: the paper's OPT -> Llama transfer
     distillers: list[str] = field(default_factory=lambda: ["opt_local"])
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     match: DistillConfig = field(default_factory=DistillConfig)   # N, M, iterations, regulariser, ...

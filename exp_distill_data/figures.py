@@ -134,35 +134,34 @@ def accuracy_vs_budget(df):
 
 
 def _per_method(t: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean over seeds of each metric per (distiller, method, budget, ablation)."""
+    """One row per synthetic set (distiller, method, budget, seed): the rows as logged, never averaged here."""
     if t.empty:
         return t
-    keys = ["p.distiller", "method", "p.budget", "p.ablation"]
-    w = t[t["metric"].isin(metrics)].groupby([*keys, "metric"])["value"].agg(["mean", "count"]).reset_index()
-    out = w.pivot_table(index=keys, columns="metric", values="mean").reset_index()
-    seeds = w.groupby(keys)["count"].max().reset_index(drop=True)
-    out = out.rename(columns={"p.distiller": "distiller", "p.budget": "budget", "p.ablation": "ablation"})
-    out.insert(4, "seeds", seeds.values)
-    return out[["distiller", "method", "budget", "seeds", *[m for m in metrics if m in out]]]
+    keys = ["p.distiller", "method", "p.budget", "p.seed"]
+    out = t[t["metric"].isin(metrics)].pivot_table(index=keys, columns="metric", values="value").reset_index()
+    out = out.rename(columns={"p.distiller": "distiller", "p.budget": "budget", "p.seed": "seed"})
+    out = out.sort_values(["distiller", "method", "budget", "seed"], key=lambda c: c.map(str))
+    return out[["distiller", "method", "budget", "seed", *[m for m in metrics if m in out]]].reset_index(drop=True)
 
 
 @register_table("distill_match", EXP, "Trajectory matching: the normalised matching loss at the first and last "
                 "outer iterations, the learnt inner rate, time per synthetic set",
-                note="Means over seeds. matching = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² at a random expert "
+                note="One row per synthetic set. matching = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² at a random expert "
                      "start (1 = no better than staying at the start); last10 = mean of the last ten iterations.")
 def table_match(rows):
-    t = select(rows, "distill_match", needs=("p.distiller", "p.budget", "p.ablation"))
+    t = select(rows, "distill_match", needs=("p.distiller", "p.budget", "p.seed"))
     return _per_method(t, ["matching_first", "matching_last10_mean", "inner_lr", "seconds", "skipped_starts"])
 
 
 @register_table("distill_projection", EXP, "Projection to tokens: distance of the learnt prompt vectors to their "
                 "nearest token, positions whose nearest token changed, prompts unchanged",
-                note="Means over seeds. Distances in the projection metric (L2 unless the ablation says cosine); "
+                note="One row per synthetic set. Distances in the projection metric (L2 unless the ablation says "
+                     "cosine); "
                      "before = the initial vectors (0 for a real-data start). retokenise_exact = decoded text "
                      "that the distiller's tokenizer encodes back to the same ids. Read the sets themselves in "
                      "the project stage's inspection.md.")
 def table_projection(rows):
-    t = select(rows, "distill_projection", needs=("p.distiller", "p.budget", "p.ablation"))
+    t = select(rows, "distill_projection", needs=("p.distiller", "p.budget", "p.seed"))
     return _per_method(t, ["nn_distance_before_mean", "nn_distance_after_mean", "changed_fraction",
                            "prompt_unchanged_fraction", "retokenise_exact_fraction"])
 
@@ -189,3 +188,20 @@ def table_cost(rows):
     out = pd.DataFrame({"stage": t["method"], "part of": t["method"].map(COST_STAGES),
                         "wall seconds": t["value"], "run": t["run_id"]})
     return out.sort_values(["part of", "stage"]).reset_index(drop=True)
+
+
+@register_table("distill_bench_tm", EXP, "Trajectory matching: one outer iteration vs N ordinary fine-tuning steps "
+                "of the same batch, time and peak memory vs N, with and without checkpointing of the inner steps",
+                note="From the latest bench_distill run per model (its parameters are in results.csv: model, "
+                     "batch, length, threads). tm = unrolled steps kept in memory; tm_ckpt = each step recomputed in "
+                     "backward. "
+                     "peak = rise of the process's resident high-water mark during the iteration (CPU).")
+def table_bench_tm(rows):
+    t = select(rows, "distill_bench_tm", needs=("p.N", "p.model"))
+    if t.empty:
+        return None
+    latest = t.sort_values("end_time").groupby("p.model")["run_id"].last()   # the latest run per model
+    t = t[t["run_id"].isin(latest.values)]
+    out = t.pivot_table(index=["p.model", "p.N", "method"], columns="metric", values="value").reset_index()
+    return out.rename(columns={"p.model": "model", "p.N": "N"}).sort_values(["model", "N", "method"]) \
+        .reset_index(drop=True)

@@ -343,3 +343,22 @@ def test_jobs_and_students_cover_every_variant_seed_and_setting():
     # a seed's synthetic set starts from the random baseline's subset of that seed (subset_for uses it too)
     import random
     assert random_subset(400, 20, 1) == sorted(random.Random(1001).sample(range(400), 20))
+
+
+def test_a_llama_distiller_runs_the_same_loop(tmp_path):
+    """Llama -> Llama: the same outer loop on a tiny Llama with LoRA on q/k/v/o (eager attention)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    m = build_causal_lm("llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, attn_implementation="eager")
+    m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).eval()
+    syn = _synthetic(m)
+    start = _params(m)
+    g = torch.Generator().manual_seed(0)
+    snaps = [{k: v + 0.01 * i * torch.randn(v.shape, generator=g) for k, v in start.items()} for i in range(4)]
+    state = distill(m, syn, Trajectories([snaps], [list(range(4))], 0.3),
+                    DistillConfig(syn_steps=2, expert_span=2, iterations=3, batch_syn=3), tmp_path)
+    assert len(state.history) == 3 and all(r["matching"] > 0 for r in state.history)
+    moved = (state.embeds.detach() - syn.embeds)
+    assert float(moved[syn.learn_mask].abs().max()) > 0 and float(moved[~syn.learn_mask].abs().max()) == 0
