@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from scipy import stats
+from common.stats import mean_ci
 
 TABLE = "distill_summary"
 METRICS = ("acc", "acc_norm")
@@ -22,16 +22,6 @@ METRICS = ("acc", "acc_norm")
 # ours_emb - ours is what the projection to tokens costs (on the distiller, whose text student is X -> X).
 PAIRED = (("less", "random"), ("ours", "random"), ("ours", "less"), ("ours_noreg", "random"),
           ("ours_noreg", "less"), ("ours", "ours_noreg"), ("ours_emb", "ours"), ("ours_noreg_emb", "ours_noreg"))
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict[str, float]:
-    """Mean, sample std, standard error and the t-interval (degenerate, i.e. the mean, when n = 1)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    se = std / math.sqrt(n)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * se if n > 1 else 0.0
-    return {"mean": mean, "std": std, "se": se, "low": mean - half, "high": mean + half, "n": n}
 
 
 def _rows(method: str, metric: str, values: list[float], params: dict, diff: bool = False) -> list[dict]:

@@ -1,0 +1,77 @@
+"""Config dataclasses of exp_plpp. The defaults are the CPU (quick) settings; ``configs/small.yaml`` and
+``configs/paper.yaml`` hold only what differs from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exp_plpp.learn import LearnConfig, parse_method
+from exp_plpp.offline_clip import TowerConfig
+from exp_plpp.plpp import PLPPConfig
+from exp_plpp.pretrain import PretrainConfig
+from exp_plpp.prompts import PromptConfig
+
+STAGE_NAMES = ["testbed", "pretrain_clip", "features", "base2novel", "fewshot", "transfer", "table"]
+METHODS = ["zeroshot", "coop", "coop_plpp", "cocoop", "cocoop_plpp", "kgcoop", "kgcoop_plpp"]
+
+
+@dataclass
+class TestbedConfig:
+    colours: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    pretrain_cap: int = 6000         # at most this many pretraining images per source (Fashion has 30k seen)
+    p_val: float = 0.1               # fixed downstream splits (CoOp: split_zhou_*.json), seed-independent
+    p_test: float = 0.5
+    test_per_class: int = 40         # evaluation images per class (a fixed stratified subset; 0 = all)
+    noise_sigma: float = 0.1        # DG target digits_noise (Gaussian, on the [0, 1] scale)
+    blur_sigma: float = 1.0         # DG target digits_blur (Gaussian, pixels)
+
+
+@dataclass
+class ProtocolConfig:
+    seeds: list[int] = field(default_factory=lambda: [1])
+    methods: list[str] = field(default_factory=lambda: ["zeroshot", "coop", "coop_plpp"])
+    fewshot_methods: list[str] = field(default_factory=list)   # few-shot and transfer; [] = methods
+    cocoop_datasets: list[str] = field(default_factory=list)   # CoCoOp (costly: n_cls prompts per image) only
+                                                               # on these; [] = every dataset
+    datasets: list[str] = field(default_factory=lambda: ["digits", "shapes"])   # base2novel and fewshot
+    b2n_shots: int = 16
+    shots: list[int] = field(default_factory=lambda: [4, 16])
+    transfer_source: str = "digits"  # its 16-shot all-class prompts are tested on the targets below
+    xd_targets: list[str] = field(default_factory=lambda: ["fashion", "shapes"])
+    dg_targets: list[str] = field(default_factory=lambda: ["usps", "sklearn_digits", "digits_noise", "digits_blur"])
+
+    def validate(self) -> None:
+        for m in [*self.methods, *self.fewshot_methods]:
+            parse_method(m)
+        if not self.seeds or not self.methods:
+            raise ValueError("protocol.seeds and protocol.methods must not be empty")
+        if any(k < 1 for k in [*self.shots, self.b2n_shots]):
+            raise ValueError("protocol: shots must be >= 1")
+
+
+@dataclass
+class Config:
+    seed: int = 0                    # the testbed's colour draws and the CLIP pretraining
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
+    outputs_dir: str = ""
+    threads: int = 2                 # torch threads (a machine resource: not a hash key of any stage)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    plpp: PLPPConfig = field(default_factory=PLPPConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def validate(self) -> None:
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if not self.testbed.colours or len(set(self.testbed.colours)) != len(self.testbed.colours):
+            raise ValueError("testbed.colours must be distinct and not empty")
+        if not 0 < self.testbed.p_val + self.testbed.p_test < 1:
+            raise ValueError("testbed.p_val + testbed.p_test must be in (0, 1)")
+        self.pretrain.validate()
+        self.prompt.validate()
+        self.plpp.validate()
+        self.learn.validate()
+        self.protocol.validate()
