@@ -31,6 +31,7 @@ class ProtocolConfig:
     seeds: list[int] = field(default_factory=lambda: [1])
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "coop", "coop_plpp"])
     fewshot_methods: list[str] = field(default_factory=list)   # few-shot and transfer; [] = methods
+    fewshot_datasets: list[str] = field(default_factory=list)  # few-shot; [] = datasets
     cocoop_datasets: list[str] = field(default_factory=list)   # CoCoOp (costly: n_cls prompts per image) only
                                                                # on these; [] = every dataset
     datasets: list[str] = field(default_factory=lambda: ["digits", "shapes"])   # base2novel and fewshot

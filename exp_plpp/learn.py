@@ -109,7 +109,7 @@ def train_prompts(model: VisionLanguageModel, features: torch.Tensor, labels: to
                   template: str, method: str, prompt_cfg: PromptConfig, plpp_cfg: PLPPConfig, cfg: LearnConfig,
                   seed: int) -> tuple[PromptLearner | None, list[dict]]:
     """Learn prompts on normalised image ``features`` (N, D) with ``labels``; returns the learner (None for
-    zero-shot) and one record per epoch (ce, kg, l_ppl, l_inv means, seconds)."""
+    zero-shot) and one record per epoch (loss = the objective, ce, kg, l_ppl, l_inv means, seconds)."""
     cfg.validate()
     base, use_plpp = parse_method(method)
     if base == "zeroshot":
@@ -127,7 +127,7 @@ def train_prompts(model: VisionLanguageModel, features: torch.Tensor, labels: to
     steps = max(1, math.ceil(n / bs))
     history = []
     for epoch in range(epochs):
-        t0, sums = time.perf_counter(), {"ce": 0.0, "kg": 0.0, "l_ppl": 0.0, "l_inv": 0.0}
+        t0, sums = time.perf_counter(), {"loss": 0.0, "ce": 0.0, "kg": 0.0, "l_ppl": 0.0, "l_inv": 0.0}
         order = torch.randperm(n, generator=gen)
         for b in range(steps):
             for g in opt.param_groups:
@@ -135,16 +135,17 @@ def train_prompts(model: VisionLanguageModel, features: torch.Tensor, labels: to
             idx = order[b * bs:(b + 1) * bs]
             logits, hidden, ctx, txt = class_logits(model, learner, features[idx], base)
             loss = F.cross_entropy(logits, labels[idx])
-            sums["ce"] += float(loss)
+            sums["ce"] += float(loss.detach())
             if hand is not None:   # KgCoOp: stay near the hand-crafted class features
                 kg = 1 - (txt * hand).sum(-1).mean()
                 loss = loss + cfg.kgcoop_weight * kg
-                sums["kg"] += float(kg)
+                sums["kg"] += float(kg.detach())
             if use_plpp:
                 reg, st = _plpp_term(model, learner, hidden, ctx, plpp_cfg, base)
                 loss = loss + reg
                 for k, v in st.items():
                     sums[k] += v
+            sums["loss"] += float(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,7 +33,8 @@ class PLPPConfig:
     use_inverted: bool = True
     lambda_ppl: float = 0.1      # unknown in the paper; 0.1 = the smallest of plpp.md's grid {0.1, 0.5, 1, 2}:
     lambda_inv: float = 0.1      # at 1 the two terms end ~5x the CE on the training shots and CE stalls
-    full_vocab_student: bool = False   # student log-probs over the whole vocabulary instead of the top-k
+    full_vocab_student: bool = False   # student log-probs over the whole vocabulary (always at k = 1)
+    sparse_topk: bool = True     # detached teachers + top-k students: differentiate k entries, not (R, M, V)
 
     def validate(self) -> None:
         if self.label_mode not in ("soft", "hard"):
@@ -44,9 +45,23 @@ class PLPPConfig:
             raise ValueError("plpp: k >= 1, tau > 0 and lm_tau > 0 are required")
 
 
+_UNIT_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def _unit_rows(embedding: torch.Tensor) -> torch.Tensor:
+    """E with unit-norm rows, cached while E is frozen and unchanged (it is normalised once, not per step)."""
+    if embedding.requires_grad:
+        return F.normalize(embedding, dim=-1)
+    key = (embedding.data_ptr(), tuple(embedding.shape), embedding._version, embedding.dtype)
+    if key not in _UNIT_ROWS:
+        _UNIT_ROWS.clear()
+        _UNIT_ROWS[key] = F.normalize(embedding, dim=-1)
+    return _UNIT_ROWS[key]
+
+
 def cosine_scores(ctx: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """s[..., m, v] = cos(t_m, E_v) for context vectors (..., M, d) and E (V, d)."""
-    return F.normalize(ctx, dim=-1) @ F.normalize(embedding, dim=-1).T
+    return F.normalize(ctx, dim=-1) @ _unit_rows(embedding).T
 
 
 def topk_soft_labels(scores: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,32 +86,70 @@ def context_states(hidden: torch.Tensor, positions: torch.Tensor, position: str)
     return hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+def _rows(t: torch.Tensor, n_rows: int, shared: bool) -> torch.Tensor:
+    """A shared context's (M, ...) tensor as (R, M, ...) (a view); per-row tensors unchanged."""
+    return t.unsqueeze(0).expand(n_rows, *t.shape) if shared else t
+
+
+def _sparse_topk_loss(ctx: torch.Tensor, states: torch.Tensor, embedding: torch.Tensor, cfg: PLPPConfig,
+                      k: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The default path: both teachers are detached, so their top-k are found without autograd, and each
+    student is evaluated at its teacher's k tokens only: no (R, M, V) tensor enters the backward graph."""
+    R, shared = states.shape[0], ctx.dim() == 2
+    unit = _unit_rows(embedding)
+    ctx_unit = F.normalize(ctx, dim=-1)
+    with torch.no_grad():
+        vals, idx = (ctx_unit @ unit.T).topk(k, dim=-1)                        # cosine labels' top-k
+        q = F.softmax(vals / cfg.tau, dim=-1)
+        z_top, idx_lm = lm_head_logits(states, embedding, cfg.lm_tau).topk(k, dim=-1)   # LM head's top-k
+        p = F.softmax(z_top, dim=-1)
+    idx, q = _rows(idx, R, shared), _rows(q, R, shared)
+    z_k = torch.einsum("rmd,rmkd->rmk", states, embedding[idx]) / cfg.lm_tau   # the LM head at those k tokens
+    l_ppl = _soft_ce(q, z_k)
+    total = cfg.lambda_ppl * l_ppl
+    stats = {"l_ppl": float(l_ppl.detach())}
+    if cfg.use_inverted:
+        s_k = torch.einsum("rmd,rmkd->rmk", _rows(ctx_unit, R, shared), unit[idx_lm]) / cfg.tau
+        l_inv = _soft_ce(p, s_k)
+        total = total + cfg.lambda_inv * l_inv
+        stats["l_inv"] = float(l_inv.detach())
+    return total, stats
+
+
 def plpp_loss(ctx: torch.Tensor, states: torch.Tensor, embedding: torch.Tensor,
               cfg: PLPPConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """lambda_ppl * L_ppl + lambda_inv * L_inv for context vectors ``ctx`` (M, d) or (R, M, d) and LM-head
     states ``states`` (R, M, d) (R rows: one per class prompt, or one when the encoder is causal)."""
     cfg.validate()
     k = 1 if cfg.label_mode == "hard" else cfg.k
-    if ctx.dim() == 2:
-        ctx = ctx.unsqueeze(0).expand(states.shape[0], -1, -1)
-    s = cosine_scores(ctx, embedding)                         # (R, M, V)
-    z = lm_head_logits(states, embedding, cfg.lm_tau)          # (R, M, V)
+    # at k = 1 a student renormalised over its single entry has loss 0: the hard (ICLR) loss is the CE over
+    # the whole vocabulary
+    full = cfg.full_vocab_student or k == 1
+    if cfg.sparse_topk and cfg.detach_teacher and not full:
+        return _sparse_topk_loss(ctx, states, embedding, cfg, k)
+    s = cosine_scores(ctx, embedding)                          # (M, V) for a shared context, else (R, M, V)
     idx, q = topk_soft_labels(s, k, cfg.tau)
+    if s.dim() == 2:   # one context for every row: its labels are computed once, then broadcast (views)
+        R = states.shape[0]
+        s, idx, q = (t.unsqueeze(0).expand(R, *t.shape) for t in (s, idx, q))
+    z = lm_head_logits(states, embedding, cfg.lm_tau)          # (R, M, V)
     if cfg.detach_teacher:
         q = q.detach()
-    if cfg.full_vocab_student:
-        logp = F.log_softmax(z, dim=-1).gather(-1, idx)
-        l_ppl = -(q * logp).sum(-1).mean()
+    if full:
+        l_ppl = -(q * F.log_softmax(z, dim=-1).gather(-1, idx)).sum(-1).mean()
     else:
         l_ppl = _soft_ce(q, z.gather(-1, idx))
     total = cfg.lambda_ppl * l_ppl
-    stats = {"l_ppl": float(l_ppl)}
+    stats = {"l_ppl": float(l_ppl.detach())}
     if cfg.use_inverted:
         z_top, idx_lm = z.topk(k, dim=-1)
         p = F.softmax(z_top, dim=-1)
         if cfg.detach_teacher:
             p = p.detach()
-        l_inv = _soft_ce(p, s.gather(-1, idx_lm) / cfg.tau)
+        if full:
+            l_inv = -(p * F.log_softmax(s / cfg.tau, dim=-1).gather(-1, idx_lm)).sum(-1).mean()
+        else:
+            l_inv = _soft_ce(p, s.gather(-1, idx_lm) / cfg.tau)
         total = total + cfg.lambda_inv * l_inv
-        stats["l_inv"] = float(l_inv)
+        stats["l_inv"] = float(l_inv.detach())
     return total, stats

@@ -120,12 +120,14 @@ def stage_pretrain_clip(ctx: StageContext) -> None:
         labels.append(y + offset)
     if len(set(classnames)) != len(classnames):
         raise ValueError("pretraining class names collide across sets")
-    model = OfflineCLIP.build(cfg.tower, seed=cfg.seed)
-    history = pretrain(model, np.concatenate(images), np.concatenate(labels), classnames, cfg.pretrain,
-                       cfg.seed, ctx.path("state.pt"), log=print if ctx.is_main else (lambda *_: None))
-    if ctx.is_main:
+    history: list[dict] = []
+    if ctx.is_main:   # one training, not one per process: the others wait at the barrier
+        model = OfflineCLIP.build(cfg.tower, seed=cfg.seed)
+        history = pretrain(model, np.concatenate(images), np.concatenate(labels), classnames, cfg.pretrain,
+                           cfg.seed, ctx.path("state.pt"))
         atomic_torch_save(model.trainable_state(), ctx.path("clip.pt"))
-    ctx.save_json("history.json", history)
+        ctx.save_json("history.json", history)
+    ctx.barrier()
     for rec in history:
         for m in ("loss", "train_acc", "temperature"):
             _log(ctx, table="plpp_pretrain", method="offline_clip", metric=m, value=rec[m], epoch=rec["epoch"],
@@ -145,6 +147,9 @@ def _image_features(model: OfflineCLIP, images: np.ndarray, batch: int = 512) ->
 
 
 def stage_features(ctx: StageContext) -> None:
+    if not ctx.is_main:   # cheap: the main process computes and saves, the others wait
+        ctx.barrier()
+        return
     bed = Testbed(ctx.input("testbed"))
     model = _load_clip(ctx)
     feats = {}
@@ -160,8 +165,8 @@ def stage_features(ctx: StageContext) -> None:
             acc = evaluate(model, None, f, lab, names, info["template"], "zeroshot")
             _log(ctx, table="plpp_zeroshot", method="zeroshot", metric="acc", value=acc, dataset=name,
                     classes=part, chance=1.0 / len(classes), n_test=len(lab))
-    if ctx.is_main:
-        atomic_torch_save(feats, ctx.path("features.pt"))
+    atomic_torch_save(feats, ctx.path("features.pt"))
+    ctx.barrier()
 
 
 def _restrict(features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +283,7 @@ def stage_fewshot(ctx: StageContext) -> None:
             atomic_torch_save(learner.state_dict(), keep / f"{job['name']}.pt")   # for the transfer stage
         return {"acc": runs.acc(learner, job["dataset"], classes, job["method"]), "history": history, "seconds": sec}
 
-    datasets = sorted({*cfg.protocol.datasets, cfg.protocol.transfer_source})
+    datasets = sorted({*(cfg.protocol.fewshot_datasets or cfg.protocol.datasets), cfg.protocol.transfer_source})
     for res in runs.run_all(_jobs(cfg, datasets, list(cfg.protocol.shots), fewshot=True), one):
         params = {"dataset": res["dataset"], "seed": res["seed"], "shots": res["shots"]}
         _log(ctx, table="plpp_fewshot", method=res["method"], metric="acc", value=res["acc"], **params)
@@ -345,10 +350,13 @@ STAGES = [
           resumable=True),
     Stage("features", stage_features, inputs=("testbed", "pretrain_clip")),
     Stage("base2novel", stage_base2novel, config_keys=("prompt", "plpp", "learn", "protocol.methods",
-                                                       "protocol.seeds", "protocol.datasets", "protocol.b2n_shots"),
+                                                       "protocol.seeds", "protocol.datasets", "protocol.b2n_shots",
+                                                       "protocol.cocoop_datasets"),
           inputs=("testbed", "pretrain_clip", "features"), resumable=True),
     Stage("fewshot", stage_fewshot, config_keys=("prompt", "plpp", "learn", "protocol.methods", "protocol.seeds",
-                                                 "protocol.datasets", "protocol.shots", "protocol.transfer_source"),
+                                                 "protocol.datasets", "protocol.fewshot_datasets", "protocol.shots",
+                                                 "protocol.fewshot_methods", "protocol.cocoop_datasets",
+                                                 "protocol.transfer_source"),
           inputs=("testbed", "pretrain_clip", "features"), resumable=True),
     Stage("transfer", stage_transfer, config_keys=("prompt", "protocol"),
           inputs=("testbed", "pretrain_clip", "features", "fewshot"), resumable=True),

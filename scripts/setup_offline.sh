@@ -15,8 +15,9 @@ for mod in "${!WEIGHTS[@]}"; do
   fi
 done
 
-# Debian packages some experiments read (exp_curriculum's extra corpora); optional everywhere else.
-DEBIAN_PACKAGES=(${LLM4ALL_DEBIAN_PACKAGES:-})
+# Debian packages some experiments read: exp_plpp's testbed needs Fashion-MNIST (its tests skip, naming the
+# package, where it is missing); exp_curriculum's extra corpora are optional (add them via the variable).
+DEBIAN_PACKAGES=(dataset-fashion-mnist ${LLM4ALL_DEBIAN_PACKAGES:-})
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
