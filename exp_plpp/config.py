@@ -11,8 +11,27 @@ from exp_plpp.plpp import PLPPConfig
 from exp_plpp.pretrain import PretrainConfig
 from exp_plpp.prompts import PromptConfig
 
-STAGE_NAMES = ["testbed", "pretrain_clip", "features", "base2novel", "fewshot", "transfer", "table"]
+STAGE_NAMES = ["testbed", "pretrain_clip", "features", "base2novel", "fewshot", "transfer", "ablations", "table"]
 METHODS = ["zeroshot", "coop", "coop_plpp", "cocoop", "cocoop_plpp", "kgcoop", "kgcoop_plpp"]
+
+
+def parse_ablation(spec: str) -> dict:
+    """``"lambda_ppl=1,label_mode=hard"`` -> {"lambda_ppl": 1, "label_mode": "hard"}, checked against PLPPConfig."""
+    import dataclasses
+
+    import yaml
+
+    known = {f.name for f in dataclasses.fields(PLPPConfig)}
+    out = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"protocol.ablations: '{spec}' must be key=value pairs of plpp "
+                             f"({', '.join(sorted(known))})")
+        out[key] = yaml.safe_load(value)
+    PLPPConfig(**out).validate()
+    return out
 
 
 @dataclass
@@ -40,10 +59,18 @@ class ProtocolConfig:
     transfer_source: str = "digits"  # its 16-shot all-class prompts are tested on the targets below
     xd_targets: list[str] = field(default_factory=lambda: ["fashion", "shapes"])
     dg_targets: list[str] = field(default_factory=lambda: ["usps", "sklearn_digits", "digits_noise", "digits_blur"])
+    # base-to-novel runs of ``ablation_method`` with PLPP settings changed ("lambda_ppl=1,lambda_inv=1",
+    # "label_mode=hard", "position=next"): keys of PLPPConfig; rows named e.g. coop_plpp[label_mode=hard]
+    ablations: list[str] = field(default_factory=list)
+    ablation_method: str = "coop_plpp"
 
     def validate(self) -> None:
         for m in [*self.methods, *self.fewshot_methods]:
             parse_method(m)
+        if not parse_method(self.ablation_method)[1]:
+            raise ValueError(f"protocol.ablation_method must be a PLPP method, got '{self.ablation_method}'")
+        for spec in self.ablations:
+            parse_ablation(spec)
         if not self.seeds or not self.methods:
             raise ValueError("protocol.seeds and protocol.methods must not be empty")
         if any(k < 1 for k in [*self.shots, self.b2n_shots]):

@@ -36,7 +36,7 @@ from common import paths
 from common.results import atomic_write_text
 from common.stages import Stage, StageContext, StageInputError, run_experiment
 from exp_plpp import datasets as ds
-from exp_plpp.config import Config
+from exp_plpp.config import Config, parse_ablation
 from exp_plpp.learn import evaluate, parse_method, train_prompts, transfer
 from exp_plpp.offline_clip import OfflineCLIP, normalise_images
 from exp_plpp.pretrain import atomic_torch_save, pretrain
@@ -325,6 +325,38 @@ def stage_transfer(ctx: StageContext) -> None:
                     target=t, seed=res["seed"], shots=shots)
 
 
+def stage_ablations(ctx: StageContext) -> None:
+    """Base-to-novel runs of the PLPP method with PLPP's open choices changed, one seed set, same shots."""
+    import dataclasses
+
+    runs = Runs(ctx)
+    cfg = ctx.cfg
+    method = cfg.protocol.ablation_method
+
+    def one(job: dict) -> dict:
+        n = len(runs.bed.info(job["dataset"])["classnames"])
+        base, novel = ds.base_novel(n)
+        info = runs.bed.info(job["dataset"])
+        f, y = runs.split(job["dataset"], "train", base)
+        pick = torch.from_numpy(ds.few_shot_indices(y.numpy(), job["shots"], job["seed"]))
+        plpp = dataclasses.replace(cfg.plpp, **parse_ablation(job["ablation"]))
+        t0 = time.perf_counter()
+        learner, history = train_prompts(runs.model, f[pick], y[pick], [info["classnames"][c] for c in base],
+                                         info["template"], method, cfg.prompt, plpp, cfg.learn, job["seed"])
+        b = runs.acc(learner, job["dataset"], base, method)
+        v = runs.acc(learner, job["dataset"], novel, method)
+        return {"base": b, "novel": v, "hm": _hm(b, v), "history": history, "seconds": time.perf_counter() - t0}
+
+    jobs = [{"name": f"{d}_{i}_s{s}", "dataset": d, "shots": cfg.protocol.b2n_shots, "ablation": a, "seed": s,
+             "method": f"{method}[{a}]"}
+            for d in cfg.protocol.datasets for i, a in enumerate(cfg.protocol.ablations) for s in cfg.protocol.seeds]
+    for res in runs.run_all(jobs, one):
+        params = {"dataset": res["dataset"], "seed": res["seed"], "shots": res["shots"]}
+        for m in ("base", "novel", "hm"):
+            _log(ctx, table="plpp_ablation", method=res["method"], metric=m, value=res[m], **params)
+        _history_rows(ctx, "plpp_ablation_train", res, **params)
+
+
 # ------------------------------------------------------------------------------------------- table
 def stage_table(ctx: StageContext) -> None:
     for row in summary_rows(_stage_rows(ctx)):
@@ -334,7 +366,7 @@ def stage_table(ctx: StageContext) -> None:
 def _stage_rows(ctx: StageContext) -> list[dict]:
     """The rows the prompt-learning stages saved with their outputs (rows.jsonl)."""
     rows = []
-    for stage in ("base2novel", "fewshot", "transfer"):
+    for stage in ("base2novel", "fewshot", "transfer", "ablations"):
         if not ctx.has_input(stage):
             continue
         p = ctx.input(stage) / "rows.jsonl"
@@ -358,9 +390,17 @@ STAGES = [
                                                  "protocol.fewshot_methods", "protocol.cocoop_datasets",
                                                  "protocol.transfer_source"),
           inputs=("testbed", "pretrain_clip", "features"), resumable=True),
-    Stage("transfer", stage_transfer, config_keys=("prompt", "protocol"),
+    Stage("transfer", stage_transfer, config_keys=("prompt", "protocol.methods", "protocol.fewshot_methods",
+                                                   "protocol.seeds", "protocol.shots", "protocol.cocoop_datasets",
+                                                   "protocol.transfer_source", "protocol.xd_targets",
+                                                   "protocol.dg_targets"),
           inputs=("testbed", "pretrain_clip", "features", "fewshot"), resumable=True),
-    Stage("table", stage_table, inputs=(), optional_inputs=("base2novel", "fewshot", "transfer"), cache=False),
+    Stage("ablations", stage_ablations, config_keys=("prompt", "plpp", "learn", "protocol.seeds", "protocol.datasets",
+                                                     "protocol.b2n_shots", "protocol.ablations",
+                                                     "protocol.ablation_method"),
+          inputs=("testbed", "pretrain_clip", "features"), resumable=True),
+    Stage("table", stage_table, inputs=(), optional_inputs=("base2novel", "fewshot", "transfer", "ablations"),
+          cache=False),
 ]
 
 

@@ -1,6 +1,6 @@
 """The summary table: per setting and method, mean ± std over seeds with 95 % t-intervals, and the paired
 differences ``<method>_plpp - <method>`` (same seed, hence the same few-shot images and context init) that
-test PLPP's claim.
+test PLPP's claim; an ablation ``coop_plpp[...]`` is paired with coop and with coop_plpp.
 
 Rows of ``plpp_summary``: ``<metric>_mean`` (stderr = std / sqrt(n)), ``_std``, ``_ci95_low`` / ``_high``,
 and for the differences ``<metric>_diff_*``; params ``setting`` (b2n, fewshot, xd, dg, source), ``dataset``
@@ -14,8 +14,17 @@ from collections import defaultdict
 from common.stats import mean_ci
 
 TABLE = "plpp_summary"
-SETTINGS = {"plpp_b2n": "b2n", "plpp_fewshot": "fewshot", "plpp_xd": "xd", "plpp_dg": "dg", "plpp_source": "source"}
+SETTINGS = {"plpp_b2n": "b2n", "plpp_ablation": "b2n", "plpp_fewshot": "fewshot", "plpp_xd": "xd", "plpp_dg": "dg",
+            "plpp_source": "source"}
 PLPP_SUFFIX = "_plpp"
+
+
+def _partners(method: str) -> list[str]:
+    """The methods ``method`` is paired with: coop_plpp -> [coop]; coop_plpp[k=1] -> [coop, coop_plpp]."""
+    plain = method.split("[", 1)[0]
+    if not plain.endswith(PLPP_SUFFIX):
+        return []
+    return [plain[:-len(PLPP_SUFFIX)]] + ([plain] if plain != method else [])
 
 
 def _dataset(params: dict) -> str:
@@ -45,10 +54,10 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     for (setting, dataset, shots, method, metric), by_seed in sorted(values.items(), key=str):
         params = {"setting": setting, "dataset": dataset, "shots": shots}
         out += _stat_rows(method, metric, list(by_seed.values()), params)
-        if method.endswith(PLPP_SUFFIX):   # paired by seed against the method PLPP plugs into
-            base = values.get((setting, dataset, shots, method[:-len(PLPP_SUFFIX)], metric), {})
+        for other in _partners(method):   # paired by seed: PLPP vs its base method; an ablation vs both
+            base = values.get((setting, dataset, shots, other, metric), {})
             seeds = sorted(set(by_seed) & set(base))
             if seeds:
                 diffs = [by_seed[s] - base[s] for s in seeds]
-                out += _stat_rows(f"{method}-{method[:-len(PLPP_SUFFIX)]}", f"{metric}_diff", diffs, params)
+                out += _stat_rows(f"{method}-{other}", f"{metric}_diff", diffs, params)
     return out

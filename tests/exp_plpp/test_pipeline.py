@@ -27,6 +27,7 @@ TINY = [
     "protocol.seeds=[1,2]", "protocol.datasets=[shapes]", "protocol.shots=[1,2]", "protocol.b2n_shots=2",
     "protocol.methods=[zeroshot,coop,coop_plpp,cocoop_plpp]", "protocol.fewshot_methods=[zeroshot,coop,coop_plpp]",
     "protocol.transfer_source=digits", "protocol.xd_targets=[shapes]", "protocol.dg_targets=[digits_blur]",
+    "protocol.ablations=[label_mode=hard]",
 ]
 pytestmark = pytest.mark.slow
 
@@ -108,6 +109,11 @@ def test_summary_pairs_match_the_per_run_rows(reference):
     assert summary[("coop_plpp-coop", "hm_diff_mean")] == pytest.approx(diff, abs=1e-12)
     assert summary[("coop", "hm_mean")] == pytest.approx(sum(per[("coop", s)] for s in seeds) / 2, abs=1e-12)
     assert ("cocoop_plpp-cocoop", "hm_diff_mean") not in summary   # no cocoop arm: nothing to pair with
+    abl = {r.get("seed"): r["value"] for r in rows if r["table"] == "plpp_ablation" and r["metric"] == "hm"}
+    assert set(abl) == {1, 2}
+    for other in ("coop", "coop_plpp"):
+        diff = sum(abl[s] - per[(other, s)] for s in seeds) / 2
+        assert summary[(f"coop_plpp[label_mode=hard]-{other}", "hm_diff_mean")] == pytest.approx(diff, abs=1e-12)
 
 
 # (stage, a file that shows finished work inside the partial folder: kill right after it appears)
@@ -152,3 +158,22 @@ def test_bad_override_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(RUN), "protocol.methods=[coop_plpq]"], env=_env(tmp_path), cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "coop_plpq" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_process_launch_gives_the_one_process_rows(reference, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU is a gloo world of 2: the prompt-learning runs
+    are shared out (each run is one process's, with the same seed and one thread), so every row equals the
+    1-process reference exactly; the world size is recorded in the run's manifest."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate CLI not installed next to this python")
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(RUN), *TINY],
+                          env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worlds = {read_run(d)[0].get("world_size") for d in run_dirs(tmp_path / "results")}
+    assert worlds == {2}, f"not a 2-process world: {worlds}"
+    want, got = _values(_rows(reference)), _values(_rows(tmp_path))
+    assert got.keys() == want.keys()
+    bad = {k: (got[k], want[k]) for k in want if got[k] != pytest.approx(want[k], rel=1e-6, abs=1e-9)}
+    assert not bad, list(bad.items())[:5]

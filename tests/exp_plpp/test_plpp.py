@@ -179,6 +179,16 @@ def test_transfer_keeps_context_and_zero_shot_is_hand_prompt(clip):
         transfer(clip, PromptLearner(clip, CLASSES[:2], PromptConfig(csc=True)), CLASSES[2:])
 
 
+def test_ablation_specs_are_checked():
+    from exp_plpp.config import parse_ablation
+
+    assert parse_ablation("lambda_ppl=1,label_mode=hard") == {"lambda_ppl": 1, "label_mode": "hard"}
+    with pytest.raises(ValueError, match="key=value pairs of plpp"):
+        parse_ablation("lambda=1")
+    with pytest.raises(ValueError, match="position"):
+        parse_ablation("position=left")
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("zeroshot_plpp")
