@@ -185,3 +185,21 @@ def parse_config(
         raise SystemExit(EXIT_CONFIG_ERROR) from None
     args.profile_name = Path(str(args.profile)).stem
     return cfg, args
+
+
+def parse_field_overrides(spec: str, cls: type, where: str) -> dict:
+    """``"a=1,b=cosine"`` -> {"a": 1, "b": "cosine"} (values parsed as YAML), every key a field of the dataclass
+    ``cls`` and the result valid (``cls(**out).validate()`` when it has one); ``where`` names the config key in
+    errors. Used for ablations written as one string per variant."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"{where}: '{spec}' must be key=value pairs of {cls.__name__} ({', '.join(known)})")
+        out[key] = yaml.safe_load(value)
+    obj = cls(**out)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.config import parse_field_overrides
 from exp_distill_data.distill import DistillConfig
 from exp_distill_data.source import SourceConfig
 
@@ -172,18 +173,4 @@ class Config:
 
 def parse_ablation(spec: str) -> dict:
     """``"syn_steps=1,metric=cosine"`` -> {"syn_steps": 1, "metric": "cosine"}, checked against DistillConfig."""
-    import dataclasses
-
-    import yaml
-
-    known = {f.name: f for f in dataclasses.fields(DistillConfig)}
-    out = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
-            raise ValueError(f"distill.ablations: '{spec}' must be key=value pairs of distill.match "
-                             f"({', '.join(known)})")
-        out[key] = yaml.safe_load(value)
-    DistillConfig(**out).validate()
-    return out
+    return parse_field_overrides(spec, DistillConfig, "distill.ablations")

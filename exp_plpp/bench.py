@@ -59,13 +59,11 @@ def _backbone(name: str):
 def _measure(args) -> dict:
     import torch.nn.functional as F
 
-    from exp_plpp.learn import class_logits
+    from exp_plpp.learn import class_logits, plpp_term
     from exp_plpp.plpp import PLPPConfig
     from exp_plpp.prompts import PromptConfig, PromptLearner
 
     torch.set_num_threads(args.threads)
-    import exp_plpp.learn as learn
-
     model = _backbone(args.backbone)
     names = [f"{c} {o}" for c in COLOURS for o in OBJECTS][: args.n_classes]
     learner = PromptLearner(model, names, PromptConfig(ctx_init="a photo of a"))
@@ -81,7 +79,7 @@ def _measure(args) -> dict:
         logits, hidden, ctx, _ = class_logits(model, learner, feats, "coop")
         loss = F.cross_entropy(logits, labels)
         if use_plpp:
-            loss = loss + learn._plpp_term(model, learner, hidden, ctx, plpp, "coop")[0]
+            loss = loss + plpp_term(model, learner, hidden, ctx, plpp, "coop")[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.config import parse_field_overrides
 from exp_plpp.learn import LearnConfig, parse_method
 from exp_plpp.offline_clip import TowerConfig
 from exp_plpp.plpp import PLPPConfig
@@ -17,21 +18,7 @@ METHODS = ["zeroshot", "coop", "coop_plpp", "cocoop", "cocoop_plpp", "kgcoop", "
 
 def parse_ablation(spec: str) -> dict:
     """``"lambda_ppl=1,label_mode=hard"`` -> {"lambda_ppl": 1, "label_mode": "hard"}, checked against PLPPConfig."""
-    import dataclasses
-
-    import yaml
-
-    known = {f.name for f in dataclasses.fields(PLPPConfig)}
-    out = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
-            raise ValueError(f"protocol.ablations: '{spec}' must be key=value pairs of plpp "
-                             f"({', '.join(sorted(known))})")
-        out[key] = yaml.safe_load(value)
-    PLPPConfig(**out).validate()
-    return out
+    return parse_field_overrides(spec, PLPPConfig, "protocol.ablations")
 
 
 @dataclass

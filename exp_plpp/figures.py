@@ -52,8 +52,8 @@ def _diff_cells(s: pd.DataFrame, metrics: list[str], index: list[str]) -> pd.Dat
             got = {r["metric"]: r for _, r in g.iterrows()}
             if f"{m}_diff_mean" in got:
                 cells[f"{m} mean"] = got[f"{m}_diff_mean"]["value"]
-                cells[f"{m} 95% CI"] = (f"[{got[f'{m}_diff_ci95_low']['value']:+.4f}, "
-                                        f"{got[f'{m}_diff_ci95_high']['value']:+.4f}]")
+                cells[f"{m} ci95 low"] = got[f"{m}_diff_ci95_low"]["value"]
+                cells[f"{m} ci95 high"] = got[f"{m}_diff_ci95_high"]["value"]
                 cells["seeds"] = int(got[f"{m}_diff_mean"]["n"])
         out.append(cells)
     return pd.DataFrame(out).reset_index(drop=True)
@@ -85,7 +85,7 @@ def table_b2n(rows):
 
 @register_table("plpp_b2n_diffs", EXP, "Base-to-novel: PLPP minus the method it plugs into, paired by seed",
                 sources=("plpp_summary",),
-                note="Same seed = same few-shot images and context initialisation; 95 % t-interval over seeds.")
+                note="Same seed = same few-shot images and context initialisation; ci95 = the t-interval over seeds.")
 def table_b2n_diffs(rows):
     return _diff_cells(_summary(rows, "b2n"), ["base", "novel", "hm"], ["p.dataset"])
 
@@ -137,7 +137,7 @@ def table_bench(rows):
 
 @register_figure("plpp_hm", EXP, sources=("plpp_summary",))
 def figure_hm(rows):
-    """Base-to-novel harmonic mean per method and dataset (mean and 95 % t-interval over seeds)."""
+    """Base-to-novel harmonic mean per method and dataset (mean and t-interval over seeds)."""
     s = _summary(rows, "b2n")
     if s.empty:
         return None

@@ -88,8 +88,10 @@ def class_logits(model: VisionLanguageModel, learner: PromptLearner, image_featu
     return scale * image_features @ txt.T, hidden, ctx, txt
 
 
-def _plpp_term(model: VisionLanguageModel, learner: PromptLearner, hidden: torch.Tensor, ctx: torch.Tensor,
-               cfg: PLPPConfig, base: str) -> tuple[torch.Tensor, dict]:
+def plpp_term(model: VisionLanguageModel, learner: PromptLearner, hidden: torch.Tensor, ctx: torch.Tensor,
+              cfg: PLPPConfig, base: str) -> tuple[torch.Tensor, dict]:
+    """PLPP's loss for one batch: the LM-head states at the context positions of the prompts just encoded
+    (one row per image for CoCoOp; one row in all when the context states are class-invariant)."""
     E = model.token_embedding.weight
     positions = learner.context_positions()                          # (n_cls, M)
     if base == "cocoop":   # rows = B x n_cls prompts; each image's context repeated over its classes
@@ -141,7 +143,7 @@ def train_prompts(model: VisionLanguageModel, features: torch.Tensor, labels: to
                 loss = loss + cfg.kgcoop_weight * kg
                 sums["kg"] += float(kg.detach())
             if use_plpp:
-                reg, st = _plpp_term(model, learner, hidden, ctx, plpp_cfg, base)
+                reg, st = plpp_term(model, learner, hidden, ctx, plpp_cfg, base)
                 loss = loss + reg
                 for k, v in st.items():
                     sums[k] += v

@@ -183,7 +183,7 @@ def test_ablation_specs_are_checked():
     from exp_plpp.config import parse_ablation
 
     assert parse_ablation("lambda_ppl=1,label_mode=hard") == {"lambda_ppl": 1, "label_mode": "hard"}
-    with pytest.raises(ValueError, match="key=value pairs of plpp"):
+    with pytest.raises(ValueError, match="key=value pairs of PLPPConfig"):
         parse_ablation("lambda=1")
     with pytest.raises(ValueError, match="position"):
         parse_ablation("position=left")
