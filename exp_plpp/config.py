@@ -70,6 +70,9 @@ class Config:
     stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
     outputs_dir: str = ""
     threads: int = 2                 # torch threads (a machine resource: not a hash key of any stage)
+    clip: str = ""                   # real CLIP weights (hub ID or local folder, transformers CLIPModel); "" = the
+                                     # offline CLIP trained by stage pretrain_clip
+    coop_root: str = ""              # CoOp benchmark data root (split_zhou_*.json layout); "" = the offline testbed
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -79,6 +82,8 @@ class Config:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def validate(self) -> None:
+        if self.coop_root and not self.clip:
+            raise ValueError("coop_root needs clip (real CLIP weights): the offline CLIP sees 32 x 32 images only")
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
         if not self.testbed.colours or len(set(self.testbed.colours)) != len(self.testbed.colours):

@@ -53,10 +53,50 @@ def _log(ctx: StageContext, table: str, method: str, metric: str, value: float, 
 
 
 # ------------------------------------------------------------------------------------------- testbed
+def _needed_datasets(cfg: Config) -> list[str]:
+    return sorted({*cfg.protocol.datasets, cfg.protocol.transfer_source, *cfg.protocol.xd_targets,
+                   *cfg.protocol.dg_targets})
+
+
+def _test_subset(labels: np.ndarray, test: np.ndarray, per_class: int) -> np.ndarray:
+    """A fixed stratified subset of the test split (every method is evaluated on the same images)."""
+    if not per_class:
+        return test
+    pick = np.sort(ds.few_shot_indices(labels[test], per_class, seed=0))
+    return test[np.unique(pick)]   # no repeats: a class with fewer images keeps all of them
+
+
+def _coop_testbed(ctx: StageContext) -> None:
+    """The CoOp benchmark layout under ``coop_root``: its fixed splits, image paths relative to the root."""
+    from exp_plpp import coop_layout
+
+    cfg = ctx.cfg
+    root = Path(cfg.coop_root).expanduser()
+    arrays, meta = {}, {"pretrain": {}, "downstream": {}, "coop": True}
+    for name in _needed_datasets(cfg):
+        parts = coop_layout.read_split(name, root)
+        items = [it for part in ("train", "val", "test") for it in parts[part]]
+        labels = np.asarray([it[1] for it in items], dtype=np.int64)
+        bounds = np.cumsum([0] + [len(parts[p]) for p in ("train", "val", "test")])
+        split = {p: np.arange(bounds[i], bounds[i + 1]) for i, p in enumerate(("train", "val", "test"))}
+        split["test"] = _test_subset(labels, split["test"], cfg.testbed.test_per_class)
+        names = coop_layout.classnames(items)
+        arrays[f"downstream/{name}/labels"] = labels
+        meta["downstream"][name] = {
+            "classnames": names, "seen": [True] * len(names), "template": coop_layout.COOP_DATASETS[name].template,
+            "n": len(items), "paths": [str(Path(it[0]).resolve().relative_to(root.resolve())) for it in items],
+            "split": {k: v.tolist() for k, v in split.items()}}
+        _log(ctx, table="plpp_testbed", method="downstream", metric="n_images", value=len(items), dataset=name)
+        _log(ctx, table="plpp_testbed", method="downstream", metric="n_classes", value=len(names), dataset=name)
+    np.savez(ctx.path("testbed.npz"), **arrays)
+    ctx.save_json("testbed.json", meta)
+
+
 def stage_testbed(ctx: StageContext) -> None:
     cfg = ctx.cfg
-    need = sorted({*cfg.protocol.datasets, cfg.protocol.transfer_source, *cfg.protocol.xd_targets,
-                   *cfg.protocol.dg_targets})
+    if cfg.coop_root:
+        return _coop_testbed(ctx)
+    need = _needed_datasets(cfg)
     bed = ds.build_testbed(paths.data_dir(), cfg.testbed.colours, cfg.seed, downstream=need,
                            max_pretrain=cfg.testbed.pretrain_cap or None,
                            noise_sigma=cfg.testbed.noise_sigma, blur_sigma=cfg.testbed.blur_sigma)
@@ -67,10 +107,7 @@ def stage_testbed(ctx: StageContext) -> None:
             info = {"classnames": s.classnames, "seen": s.seen.tolist(), "template": s.template, "n": len(s)}
             if group == "downstream":   # CoOp's fixed splits: one per dataset, independent of the run seeds
                 split = ds.fixed_split(s.labels, cfg.testbed.p_val, cfg.testbed.p_test, seed=1)
-                test = split["test"]
-                if cfg.testbed.test_per_class:
-                    test = np.sort(ds.few_shot_indices(s.labels[test], cfg.testbed.test_per_class, seed=0))
-                    test = split["test"][np.unique(test)]   # no repeats: a class with fewer keeps all
+                test = _test_subset(s.labels, split["test"], cfg.testbed.test_per_class)
                 info["split"] = {"train": split["train"].tolist(), "val": split["val"].tolist(),
                                  "test": test.tolist()}
             meta[group][name] = info
@@ -91,8 +128,20 @@ class Testbed:
             raise StageInputError(f"cannot read the testbed in {paths.repo_relative(folder)}: {exc}. "
                                   "Rerun it with --stage testbed --force") from None
 
-    def arrays(self, group: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self._npz[f"{group}/{name}/images"], self._npz[f"{group}/{name}/labels"]
+    def arrays(self, group: str, name: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """(uint8 images or None for the CoOp layout, whose images stay files), labels."""
+        key = f"{group}/{name}/images"
+        return (self._npz[key] if key in self._npz.files else None), self._npz[f"{group}/{name}/labels"]
+
+    def pil_images(self, name: str, idx: list[int], root: Path):
+        """The images ``idx`` of a downstream set as RGB PIL images (files for the CoOp layout)."""
+        from PIL import Image
+
+        x, _ = self.arrays("downstream", name)
+        if x is not None:
+            return [Image.fromarray(x[i]) for i in idx]
+        rel = self.info(name)["paths"]
+        return [Image.open(root / rel[i]).convert("RGB") for i in idx]
 
     def info(self, name: str) -> dict:
         if name not in self.meta["downstream"]:
@@ -101,7 +150,12 @@ class Testbed:
         return self.meta["downstream"][name]
 
 
-def _load_clip(ctx: StageContext) -> OfflineCLIP:
+def _load_clip(ctx: StageContext):
+    """The frozen backbone: real CLIP weights (``clip`` = hub ID or local folder) or the offline CLIP."""
+    if ctx.cfg.clip:
+        from exp_plpp.clip_hf import HFCLIP
+
+        return HFCLIP.from_pretrained(ctx.cfg.clip).freeze()
     model = OfflineCLIP.build(ctx.cfg.tower, seed=ctx.cfg.seed)
     model.load_trainable_state(torch.load(ctx.input("pretrain_clip") / "clip.pt", weights_only=True))
     return model.freeze()
@@ -110,6 +164,9 @@ def _load_clip(ctx: StageContext) -> OfflineCLIP:
 # ------------------------------------------------------------------------------------------- pretrain_clip
 def stage_pretrain_clip(ctx: StageContext) -> None:
     cfg = ctx.cfg
+    if cfg.clip:   # real CLIP weights: nothing to pretrain
+        ctx.save_json("history.json", {"skipped": "clip weights given", "clip": cfg.clip})
+        return
     bed = Testbed(ctx.input("testbed"))
     images, labels, classnames = [], [], []
     for name, info in bed.meta["pretrain"].items():   # one class list over all sets (names are unique)
@@ -137,6 +194,32 @@ def stage_pretrain_clip(ctx: StageContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------- features
+def clip_preprocess(images: list, size: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """CLIP's test transform: resize the short side to ``size`` (bicubic), centre crop, scale, normalise."""
+    from PIL import Image
+
+    out = []
+    for im in images:
+        w, h = im.size
+        r = size / min(w, h)
+        im = im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        out.append(torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)), dtype=np.uint8)))
+    return normalise_images(torch.stack(out), mean, std)
+
+
+@torch.no_grad()
+def _clip_features(model, bed: Testbed, name: str, root: Path, batch: int = 64) -> torch.Tensor:
+    n = bed.info(name)["n"]
+    out = []
+    for i in range(0, n, batch):
+        ims = bed.pil_images(name, list(range(i, min(n, i + batch))), root)
+        x = clip_preprocess(ims, model.image_size, model.image_mean, model.image_std)
+        out.append(F.normalize(model.encode_image(x), dim=-1))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def _image_features(model: OfflineCLIP, images: np.ndarray, batch: int = 512) -> torch.Tensor:
     out = []
@@ -155,7 +238,8 @@ def stage_features(ctx: StageContext) -> None:
     feats = {}
     for name, info in bed.meta["downstream"].items():
         x, y = bed.arrays("downstream", name)
-        feats[name] = _image_features(model, x)
+        feats[name] = (_clip_features(model, bed, name, Path(ctx.cfg.coop_root).expanduser()) if ctx.cfg.clip
+                       else _image_features(model, x))
         test = torch.tensor(info["split"]["test"])
         n = len(info["classnames"])
         base, novel = ds.base_novel(n)
@@ -377,9 +461,9 @@ def _stage_rows(ctx: StageContext) -> list[dict]:
 
 STAGES = [
     Stage("testbed", stage_testbed, config_keys=("seed", "testbed", "protocol.datasets", "protocol.transfer_source",
-                                                 "protocol.xd_targets", "protocol.dg_targets")),
-    Stage("pretrain_clip", stage_pretrain_clip, config_keys=("seed", "tower", "pretrain"), inputs=("testbed",),
-          resumable=True),
+                                                 "protocol.xd_targets", "protocol.dg_targets", "coop_root")),
+    Stage("pretrain_clip", stage_pretrain_clip, config_keys=("seed", "tower", "pretrain", "clip"),
+          inputs=("testbed",), resumable=True),
     Stage("features", stage_features, inputs=("testbed", "pretrain_clip")),
     Stage("base2novel", stage_base2novel, config_keys=("prompt", "plpp", "learn", "protocol.methods",
                                                        "protocol.seeds", "protocol.datasets", "protocol.b2n_shots",
