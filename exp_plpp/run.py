@@ -195,18 +195,13 @@ def stage_pretrain_clip(ctx: StageContext) -> None:
 
 # ------------------------------------------------------------------------------------------- features
 def clip_preprocess(images: list, size: int, mean: tuple, std: tuple) -> torch.Tensor:
-    """CLIP's test transform: resize the short side to ``size`` (bicubic), centre crop, scale, normalise."""
-    from PIL import Image
+    """CLIP's test transform (transformers' CLIPImageProcessor: short side to ``size``, bicubic, centre crop,
+    rescale, normalise) for the backbone's own size and statistics."""
+    from transformers import CLIPImageProcessor
 
-    out = []
-    for im in images:
-        w, h = im.size
-        r = size / min(w, h)
-        im = im.resize((max(size, round(w * r)), max(size, round(h * r))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        out.append(torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)), dtype=np.uint8)))
-    return normalise_images(torch.stack(out), mean, std)
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(mean), image_std=list(std))
+    return proc(images=images, return_tensors="pt")["pixel_values"]
 
 
 @torch.no_grad()
@@ -281,15 +276,24 @@ class Runs:
         f = self.feats[name][idx]
         return (f, labels) if classes is None else _restrict(f, labels, classes)
 
-    def train(self, name: str, classes: list[int], shots: int, method: str, seed: int):
+    def train(self, name: str, classes: list[int], shots: int, method: str, seed: int, plpp=None):
+        """K shots per class of ``classes`` (Dassl's rule, seeded), then prompt learning; ``plpp`` overrides the
+        config's PLPP settings (ablations)."""
         info = self.bed.info(name)
         f, y = self.split(name, "train", classes)
         pick = torch.from_numpy(ds.few_shot_indices(y.numpy(), shots, seed))
         cfg = self.ctx.cfg
         t0 = time.perf_counter()
         learner, history = train_prompts(self.model, f[pick], y[pick], [info["classnames"][c] for c in classes],
-                                         info["template"], method, cfg.prompt, cfg.plpp, cfg.learn, seed)
+                                         info["template"], method, cfg.prompt, plpp or cfg.plpp, cfg.learn, seed)
         return learner, history, time.perf_counter() - t0
+
+    def base_to_novel(self, name: str, shots: int, method: str, seed: int, plpp=None) -> dict:
+        """Train on the base classes, test on base and novel classes: accuracies, their harmonic mean."""
+        base, novel = ds.base_novel(len(self.bed.info(name)["classnames"]))
+        learner, history, sec = self.train(name, base, shots, method, seed, plpp)
+        b, v = self.acc(learner, name, base, method), self.acc(learner, name, novel, method)
+        return {"base": b, "novel": v, "hm": _hm(b, v), "history": history, "seconds": sec}
 
     def acc(self, learner, name: str, classes: list[int], method: str) -> float:
         info = self.bed.info(name)
@@ -338,12 +342,7 @@ def stage_base2novel(ctx: StageContext) -> None:
     cfg = ctx.cfg
 
     def one(job: dict) -> dict:
-        n = len(runs.bed.info(job["dataset"])["classnames"])
-        base, novel = ds.base_novel(n)
-        learner, history, sec = runs.train(job["dataset"], base, job["shots"], job["method"], job["seed"])
-        b = runs.acc(learner, job["dataset"], base, job["method"])
-        v = runs.acc(learner, job["dataset"], novel, job["method"])
-        return {"base": b, "novel": v, "hm": _hm(b, v), "history": history, "seconds": sec}
+        return runs.base_to_novel(job["dataset"], job["shots"], job["method"], job["seed"])
 
     for res in runs.run_all(_jobs(cfg, cfg.protocol.datasets, [cfg.protocol.b2n_shots], fewshot=False), one):
         params = {"dataset": res["dataset"], "seed": res["seed"], "shots": res["shots"]}
@@ -418,18 +417,8 @@ def stage_ablations(ctx: StageContext) -> None:
     method = cfg.protocol.ablation_method
 
     def one(job: dict) -> dict:
-        n = len(runs.bed.info(job["dataset"])["classnames"])
-        base, novel = ds.base_novel(n)
-        info = runs.bed.info(job["dataset"])
-        f, y = runs.split(job["dataset"], "train", base)
-        pick = torch.from_numpy(ds.few_shot_indices(y.numpy(), job["shots"], job["seed"]))
         plpp = dataclasses.replace(cfg.plpp, **parse_ablation(job["ablation"]))
-        t0 = time.perf_counter()
-        learner, history = train_prompts(runs.model, f[pick], y[pick], [info["classnames"][c] for c in base],
-                                         info["template"], method, cfg.prompt, plpp, cfg.learn, job["seed"])
-        b = runs.acc(learner, job["dataset"], base, method)
-        v = runs.acc(learner, job["dataset"], novel, method)
-        return {"base": b, "novel": v, "hm": _hm(b, v), "history": history, "seconds": time.perf_counter() - t0}
+        return runs.base_to_novel(job["dataset"], job["shots"], method, job["seed"], plpp)
 
     jobs = [{"name": f"{d}_{i}_s{s}", "dataset": d, "shots": cfg.protocol.b2n_shots, "ablation": a, "seed": s,
              "method": f"{method}[{a}]"}

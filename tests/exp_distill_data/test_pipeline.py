@@ -144,7 +144,7 @@ KILL_POINTS = [
     ("train", "*/adapter.safetensors", "*/adapter.safetensors"),
     ("evaluate", "scores/*.json", "scores/*.json"),
     ("experts", "*/expert_*/step_[0-9]*", "*/expert_*/snapshots/*"),
-    ("distill", "*/work/state.pt", "*/synthetic.pt"),
+    ("distill", str(Path("*", "work", "state.pt")), "*/synthetic.pt"),   # the job's work folder
     ("students", "*/adapter.safetensors", "*/adapter.safetensors"),
     ("students_eval", "scores/*.json", "scores/*.json"),
 ]
