@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,10 +57,90 @@ def _load_yaml(path: Path) -> dict:
     return data
 
 
+# OmegaConf appends "full_key: …", "reference_type=…", "object_type=…" lines to its messages: internal detail
+_OMEGACONF_DETAIL = re.compile(r"^\s*(full_key:|reference_type=|object_type=)")
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    text = getattr(exc, "msg", None) or str(exc)
+    msg = " ".join(line.strip() for line in text.splitlines() if line.strip() and not _OMEGACONF_DETAIL.match(line))
     return f"key '{key}': {msg}" if key else msg
+
+
+def _shown(path: Path) -> str:
+    """A YAML path as errors show it: repository-relative inside the repository, in full outside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(paths.REPO_ROOT)) if p.is_relative_to(paths.REPO_ROOT) else str(p)
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a nested mapping (a list is one leaf)."""
+    if isinstance(node, dict) and node:
+        return [k for key, value in node.items() for k in _leaf_keys(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if prefix else []
+
+
+def _all_keys(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted key of a nested mapping, inner nodes included."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out |= {f"{prefix}{key}", *_all_keys(value, f"{prefix}{key}.")}
+    return out
+
+
+class _Origins:
+    """Which layer set each config key: the dataclass defaults, a profile YAML or a command-line override.
+
+    Errors found after merging (a wrong type, a failed ``validate()``) name the layer that set the offending
+    key, so that ``seed=abc`` on the command line is never reported as coming from the profile YAML.
+    """
+
+    def __init__(self, cls: type) -> None:
+        self.default = f"{cls.__name__} defaults"
+        self.by_key: dict[str, str] = {}
+
+    def set(self, tree: Any, source: str) -> None:
+        for key in _leaf_keys(tree):
+            # a key set again replaces everything an earlier layer set at or below it (lists are leaves)
+            self.by_key = {k: v for k, v in self.by_key.items() if k != key and not k.startswith(key + ".")}
+            self.by_key[key] = source
+
+    def of(self, key: str) -> list[str]:
+        """The layer(s) that set ``key`` (``a.b[0]`` -> the list ``a.b``; an inner node -> its leaves' layers)."""
+        key = re.sub(r"\[[^\]]*\]", "", key)
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):  # the key itself or its nearest ancestor set as a whole
+            found = self.by_key.get(".".join(parts[:n]))
+            if found:
+                return [found]
+        below = list(dict.fromkeys(v for k, v in self.by_key.items() if k.startswith(key + ".")))
+        return below or [self.default]
+
+    def describe(self, keys: list[str]) -> str:
+        """``source`` when every key comes from one layer, else ``source (key, …); source (key)``."""
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            for src in self.of(key):
+                groups.setdefault(src, []).append(key)
+        if len(groups) == 1:
+            return next(iter(groups))
+        return "; ".join(f"{src} ({', '.join(ks)})" for src, ks in groups.items())
+
+    def everything(self) -> str:
+        """Every layer that set something, for an error that names no key."""
+        return " + ".join(dict.fromkeys([self.default, *self.by_key.values()]))
+
+
+def _keys_named(message: str, known: set[str]) -> list[str]:
+    """Config keys a validate() message names: quoted ones first, else dotted words, else bare words."""
+    quoted = [k for k in re.findall(r"'([^']+)'", message) if re.sub(r"\[[^\]]*\]", "", k) in known]
+    if quoted:
+        return list(dict.fromkeys(quoted))
+    words = re.findall(r"[A-Za-z_]\w*(?:\.\w+)+|[A-Za-z_]\w*", message)
+    dotted = [w for w in words if "." in w and w in known]
+    return list(dict.fromkeys(dotted or [w for w in words if w in known]))
 
 
 def build_config(
@@ -69,13 +150,14 @@ def build_config(
     """Resolve ``cls`` defaults <- profile YAML <- dotted overrides into a validated ``cls`` instance.
 
     ``profile`` is a profile name looked up as ``config_dir/<name>.yaml``, or a path to a YAML file.
-    Raises ConfigError naming the file/key on unknown keys, wrong types or missing files.
+    Raises ConfigError on unknown keys, wrong types or missing files; the message names the key and the
+    layer that set it (the YAML file, or the command-line override ``key=value``).
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     schema = OmegaConf.structured(cls)
-    layers = [schema]
-    source = "defaults"
+    origins = _Origins(cls)
+    merged = schema
     if profile is not None:
         path = Path(profile)
         if not path.suffix and config_dir is not None:
@@ -84,37 +166,42 @@ def build_config(
             known = sorted(p.stem for p in Path(config_dir).glob("*.yaml")) if config_dir else []
             raise ConfigError(f"profile '{profile}' not found: no file {path}"
                               + (f" (known profiles: {', '.join(known)})" if known else ""))
-        source = str(path)
+        data = _load_yaml(path)
         try:
-            layers.append(OmegaConf.create(_load_yaml(path)))
-            merged = OmegaConf.merge(*layers)
+            merged = OmegaConf.merge(schema, OmegaConf.create(data))
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{path}: {_omegaconf_message(exc)}") from None
-    else:
-        merged = schema
+            raise ConfigError(f"{_shown(path)}: {_omegaconf_message(exc)}") from None
+        origins.set(data, _shown(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=3e-4)")
         key = item.split("=", 1)[0]
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            layer = OmegaConf.from_dotlist([item])
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command-line override '{item}': {_omegaconf_message(exc)}") from None
         except Exception as exc:  # from_dotlist can raise plain errors on bad syntax
             raise ConfigError(f"command-line override '{key}': {exc}") from None
+        origins.set(OmegaConf.to_container(layer), f"command-line override '{item}'")
     try:
-        missing = OmegaConf.missing_keys(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"{source}: required keys have no value: {', '.join(sorted(missing))}")
+            raise ConfigError(f"{origins.describe(missing)}: required keys have no value: {', '.join(missing)} "
+                              "(set them in the profile YAML or as key=value)")
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {_omegaconf_message(exc)}") from None
+        key = getattr(exc, "full_key", None)
+        where = origins.describe([key]) if key else origins.everything()
+        raise ConfigError(f"{where}: {_omegaconf_message(exc)}") from None
     post = getattr(obj, "validate", None)
     if callable(post):
         try:
             post()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            named = _keys_named(str(exc), _all_keys(OmegaConf.to_container(merged)))
+            where = origins.describe(named) if named else origins.everything()
+            raise ConfigError(f"{where}: {exc}") from None
     return obj  # type: ignore[return-value]
 
 

@@ -83,9 +83,14 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
 
 
+def _lines(start: int, end: int) -> str:
+    return f"line {start}" if end <= start else f"lines {start}-{end}"
+
+
 def _csv_records(path: Path) -> Iterator[tuple[int, str, list[str]]]:
-    """(record number, "record N (line L)", fields) for each non-empty CSV record. Quoted fields can span
-    lines, so the record number and the line it starts on differ; errors cite both."""
+    """(record number, "record N (line L)" or "record N (lines L-M)", fields) for each non-empty CSV record.
+    Quoted fields can span lines (42 MMLU release files have them), so record numbers and physical lines
+    differ; errors cite the record and every physical line it covers (csv.reader's line_num is the last)."""
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
     number, next_line = 0, 1
     while True:
@@ -94,12 +99,13 @@ def _csv_records(path: Path) -> Iterator[tuple[int, str, list[str]]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise DataValidationError(f"{path}: record {number + 1} (line {next_line}): bad CSV ({exc})") from None
+            raise DataValidationError(f"{path}: record {number + 1} ({_lines(next_line, reader.line_num)}): "
+                                      f"bad CSV ({exc})") from None
         start, next_line = next_line, reader.line_num + 1
         if not rec:  # blank line
             continue
         number += 1
-        yield number, f"{path}: record {number} (line {start})", rec
+        yield number, f"{path}: record {number} ({_lines(start, reader.line_num)})", rec
 
 
 def validate_mc_row(row: dict, where: str) -> dict:
@@ -270,7 +276,9 @@ def load_instruct(name: str, invalid: str = "drop"):
     """An instruction pool as rows of (instruction, input, output, source).
 
     ``invalid="drop"`` skips rows with an empty instruction/output with a warning naming them (the
-    Alpaca sample has two such rows); ``"raise"`` stops at the first one.
+    Alpaca sample has two such rows); ``"raise"`` stops at the first one. A self-instruct task without
+    an ``instances`` list of {input, output} objects always raises DataValidationError naming file and
+    line: it is a broken file (every task of the release has instances), not a row to drop silently.
     """
     import datasets
 

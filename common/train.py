@@ -35,7 +35,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)   # per optimizer step of *this* process lifetime
     resumed_from: int | None = None
     out_dir: Path | None = None
-    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss), whole run incl. before a resume
+    evals: list[tuple[int, Any]] = field(default_factory=list)  # (step, loss or {name: loss}), incl. before a resume
     max_steps: int = 0                                   # resolved (from epochs where given)
     model: Any = None                                    # the trained model, unwrapped from accelerate's wrappers
 
@@ -491,9 +491,9 @@ class _Curves:
             self._row("train_loss", sum(self.window) / len(self.window), step, len(self.window))
             self.window = []
 
-    def eval(self, step: int, val_loss: float, n: int) -> None:
-        self.acc.log({"val_loss": val_loss}, step=step)
-        self._row("val_loss", val_loss, step, n)
+    def eval(self, step: int, val_loss: float, n: int, suffix: str = "") -> None:
+        self.acc.log({f"val_loss{suffix}": val_loss}, step=step)
+        self._row(f"val_loss{suffix}", val_loss, step, n)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -543,6 +543,7 @@ def train(
     curve_table: str | None = None,
     curve_method: str = "train",
     curve_params: dict | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer updates (or ``cfg.epochs``), checkpointing into
     ``out_dir``.
@@ -555,12 +556,19 @@ def train(
     With ``eval_dataset``, the validation loss is computed at step 0, every ``cfg.eval_every`` steps and
     at the end (``eval_every=0``: at the end only): ``eval_fn(model, batch) -> (loss sum, count)``,
     summed over the dataset in order (default: per answer token for transformers LMs with ``labels``
-    via ``hf_causal_lm_eval``, else ``loss_fn`` weighted by examples per batch). Train and val losses go
+    via ``hf_causal_lm_eval``, else ``loss_fn`` weighted by examples per batch). A dict of named datasets
+    gives one loss per name (``evals`` entries ``(step, {name: loss})``, metrics ``val_loss_<name>``). Train
+    and val losses go
     to the trackers of ``cfg.log_with`` and, with ``run`` (a ``common.results.Run``) and ``curve_table``,
     become rows (metric ``train_loss`` every ``log_every`` steps, ``val_loss`` at each evaluation;
     method ``curve_method``, params ``{"step": s, **curve_params}``). A resumed run logs rows from its
     resume step on. If ``optimizer`` is None, ``cfg.optimizer`` (AdamW or SGD) over the parameters with
     ``requires_grad``.
+
+    ``sampler`` replaces the seeded shuffle (``cfg.shuffle``) with a fixed order of example indices, e.g. a
+    ``common.curriculum.CurriculumSampler``: one loader epoch is one pass over it (its ``set_epoch`` is
+    called at every epoch start), and a resume skips the batches already consumed, so it must give the
+    same order every time it is iterated for the same epoch.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -570,7 +578,7 @@ def train(
     out_dir = Path(out_dir)
     own_accelerator = accelerator is None
     accelerator = accelerator or make_accelerator(cfg, out_dir=out_dir)
-    cfg = _resolve_steps(cfg, len(dataset), accelerator.num_processes)
+    cfg = _resolve_steps(cfg, len(dataset) if sampler is None else len(sampler), accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -587,7 +595,8 @@ def train(
     # The shuffle comes from our own generator, re-seeded per epoch, so batch order depends only on
     # (seed, epoch) and a resumed run sees exactly the batches the uninterrupted run would have.
     shuffle_gen = torch.Generator()
-    sampler = RandomSampler(dataset, generator=shuffle_gen) if cfg.shuffle else SequentialSampler(dataset)
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=shuffle_gen) if cfg.shuffle else SequentialSampler(dataset)
     # A DataLoader draws a worker base seed from its generator (else the *global* RNG) at every iter();
     # a private generator keeps that draw from shifting the dropout RNG stream when a resume re-creates
     # the iterator mid-epoch.
@@ -631,6 +640,15 @@ def train(
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def run_eval() -> None:
+        if isinstance(eval_dataset, Mapping):  # several named validation sets (e.g. one per language)
+            vals = {name: evaluate(model, ds, eval_fn, eval_bs, collate_fn, accelerator)
+                    for name, ds in eval_dataset.items()}
+            progress.evals.append((progress.step, vals))
+            for name, ds in eval_dataset.items():
+                curves.eval(progress.step, vals[name], len(ds), suffix=f"_{name}")
+            _emit(callbacks, "eval", step=progress.step, val_loss=vals,
+                  n={k: len(v) for k, v in eval_dataset.items()})
+            return
         val = evaluate(model, eval_dataset, eval_fn, eval_bs, collate_fn, accelerator)
         progress.evals.append((progress.step, val))
         curves.eval(progress.step, val, len(eval_dataset))
@@ -664,6 +682,8 @@ def train(
     try:
         while progress.step < cfg.max_steps:
             shuffle_gen.manual_seed(cfg.seed * 1_000_003 + progress.epoch)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(progress.epoch)
             epoch_loader = accelerator.skip_first_batches(loader, progress.batch_in_epoch) \
                 if progress.batch_in_epoch else loader
             for batch in epoch_loader:

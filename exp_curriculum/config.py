@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from exp_curriculum.corpus import CorpusConfig
 from exp_curriculum.selection import MinHashConfig
+from exp_curriculum.study import StudyConfig
 
 
 @dataclass
@@ -44,7 +45,8 @@ class DiversityConfig:
     finetune_epochs: int = 1
 
 
-STAGE_NAMES = ["metrics", "dedup", "model_scores", "diversity", "summary"]
+STAGE_NAMES = ["metrics", "dedup", "model_scores", "diversity", "summary",
+               "study_data", "study_reference", "study_select", "study_train", "study_table"]
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Config:
     model_scores: ModelScoreConfig = field(default_factory=ModelScoreConfig)
     density: DensityConfig = field(default_factory=DensityConfig)
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)     # part 2: the curriculum training study
 
     def validate(self) -> None:
         if self.num_proc < 1 or self.threads < 1:
@@ -74,3 +77,4 @@ class Config:
             raise ValueError("density.bandwidth must be > 0 and density.sample_fraction in (0, 1]")
         if self.diversity.n_batches < 2:
             raise ValueError("diversity.n_batches must be >= 2 (the coefficient is a mean over batch pairs)")
+        self.study.validate()

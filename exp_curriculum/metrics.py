@@ -57,6 +57,18 @@ _ELISION_FR = re.compile(r"\b(jusqu|lorsqu|puisqu|quoiqu|presqu|qu|[cdjlmnst])'(
 _WORD = re.compile(r"[^\W\d_]+(?:[-'][^\W\d_]+)*'?")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (which `json.loads('"\\ud83d"')` happily returns, and which cannot be
+    encoded as UTF-8) replaced by U+FFFD, after joining any valid high/low pair into its character; other
+    strings are returned unchanged. Every metric of `document_metrics` sees the cleaned text."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def normalise_apostrophes(text: str) -> str:
     return text.replace("\u2019", "'").replace("\u02bc", "'")
 
@@ -88,7 +100,7 @@ def char_ngram_counts(text: str, n: int) -> np.ndarray:
     """Counts of the character n-grams of ``text`` (n <= 3: code points fit 21 bits, 3 of them 63 bits)."""
     if not 1 <= n <= 3:
         raise ValueError(f"character n-gram order must be 1..3, got {n}")
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
     if len(cp) < n:
         return np.zeros(0)
     key = cp[: len(cp) - n + 1].copy()
@@ -251,24 +263,59 @@ def hdd(ids: np.ndarray, draws: int = 42) -> float:
     return float(_p_seen(freqs, len(ids), np.array([draws])).sum() / draws)
 
 
+def _log_p_absent(freqs: np.ndarray, n_tokens: int, max_draws: int) -> np.ndarray:
+    """log P(type with frequency f is absent from a sample of d tokens drawn without replacement), for every
+    d = 1..max_draws, shape (len(freqs), max_draws): the running sum over k < d of log1p(-f / (N - k)).
+
+    Accurate when the probability is close to 1 (rare types in a long text), where the gammaln difference of
+    `_p_seen` loses ~1e-13 * N and would let an all-unique text look slightly repetitive."""
+    f = np.asarray(freqs, dtype=np.float64)[:, None]
+    ratio = f / (float(n_tokens) - np.arange(max_draws, dtype=np.float64))[None, :]
+    with np.errstate(divide="ignore"):
+        terms = np.where(ratio < 1.0, np.log1p(-np.minimum(ratio, 1.0)), -np.inf)
+    return np.cumsum(terms, axis=1)
+
+
 def _ttr_nd(n: np.ndarray, d: float) -> np.ndarray:
-    return (d / n) * (np.sqrt(1 + 2 * n / d) - 1)
+    """vocd's model TTR(N) = D/N [sqrt(1 + 2N/D) - 1], written as 2 / (1 + sqrt(1 + 2N/D)) (no cancellation
+    when D >> N)."""
+    return 2.0 / (1.0 + np.sqrt(1.0 + 2.0 * n / d))
+
+
+def _deficit_nd(n: np.ndarray, d: float) -> np.ndarray:
+    """1 - TTR(N) of the vocd model, computed without cancellation: (2N/D) / (1 + sqrt(1 + 2N/D))^2."""
+    x = 2.0 * n / d
+    return x / (1.0 + np.sqrt(1.0 + x)) ** 2
 
 
 def vocd(ids: np.ndarray, min_n: int = 35, max_n: int = 50) -> float:
-    """vocd-D fitted (least squares in D, like curve_fit) to the *expected* TTR of samples of 35..50 tokens."""
+    """vocd-D fitted (least squares in D, like curve_fit) to the *expected* TTR of samples of 35..50 tokens.
+
+    Defined results: NaN below `max_n` tokens (no sample of that size); +inf when every token is a distinct
+    type (every sample is all-unique, TTR = 1, which the model reaches only as D -> inf), at every length;
+    a finite D otherwise, however large. The fit runs on 1 - TTR (no cancellation near TTR = 1), in log D,
+    with the residuals scaled by their typical size: the same least-squares minimiser, reached reliably
+    when D is in the millions."""
     from scipy.optimize import least_squares
 
     ids = np.asarray(ids)
     if len(ids) < max_n:
         return float("nan")
     freqs = np.unique(ids, return_counts=True)[1]
+    if freqs.max() == 1:
+        return float("inf")
     ns = np.arange(min_n, max_n + 1, dtype=np.float64)
-    ttr = _p_seen(freqs, len(ids), ns).sum(axis=1) / ns
-    if np.all(ttr >= 1 - 1e-12):
-        return float("inf")  # every sample all-unique: D is unbounded
-    fit = least_squares(lambda d: _ttr_nd(ns, d[0]) - ttr, x0=[50.0], bounds=([1e-6], [1e7]))
-    return float(fit.x[0])
+    p_seen = -np.expm1(_log_p_absent(freqs, len(ids), max_n)[:, min_n - 1:])     # (types, sizes)
+    deficit = (ns - p_seen.sum(axis=0)) / ns        # 1 - expected TTR, > 0 once a type repeats
+    deficit = np.maximum(deficit, np.finfo(float).tiny)
+    # start from the model inverted at the mean size: TTR = 2/(1+s), s^2 = 1 + 2N/D
+    t, n0 = 1.0 - deficit.mean(), ns.mean()
+    d0 = 2.0 * n0 / max((2.0 / t - 1.0) ** 2 - 1.0, 1e-300)
+    scale = 1.0 / deficit.mean()   # a common factor: same minimiser, residuals of order 1
+    lo, hi = math.log(1e-6), math.log(1e300)
+    fit = least_squares(lambda x: scale * (deficit - _deficit_nd(ns, math.exp(x[0]))),
+                        x0=[min(max(math.log(d0), lo + 1), hi - 1)], bounds=([lo], [hi]))
+    return float(math.exp(fit.x[0]))
 
 
 def lexical_metrics(ids: np.ndarray, mtld_threshold: float = 0.72, hdd_draws: int = 42) -> dict[str, float]:
@@ -332,6 +379,16 @@ def _word_syllables(lang: str) -> _SyllableCache:
 _BOUNDARY = re.compile(r"[.!?\u2026]+[\"'\u201d\u00bb)\]]*(?=\s)")
 
 
+def _trailing_word(text: str, start: int, end: int, longest: int = 8) -> str:
+    """The run of \\w and "." characters that ends at text[end] (what `[\\w.]+$` matches), or "" when it is
+    longer than `longest` (no abbreviation is): a backwards scan of at most `longest` + 1 characters, where
+    the regex search was quadratic in the length of a long unbroken token."""
+    i = end
+    while i > start and end - i <= longest and (text[i - 1] == "." or text[i - 1] == "_" or text[i - 1].isalnum()):
+        i -= 1
+    return "" if end - i > longest else text[i:end]
+
+
 def split_sentences(text: str, lang: str = "en", max_words: int = 60) -> list[str]:
     """Sentences: split paragraphs (blank lines) at .!?… followed by space (skipping known abbreviations and
     initials); a multi-line paragraph without any terminal punctuation (verse, lists, headings) is split at
@@ -348,8 +405,7 @@ def split_sentences(text: str, lang: str = "en", max_words: int = 60) -> list[st
         else:
             pieces, start = [], 0
             for m in _BOUNDARY.finditer(para):
-                word = re.findall(r"[\w.]+$", para[start:m.start()])
-                w = word[0].lower() if word else ""
+                w = _trailing_word(para, start, m.start()).lower()
                 if m.group().startswith(".") and (w in abbrev or (len(w) == 1 and w.isalpha())):
                     continue
                 pieces.append(para[start:m.end()])
@@ -367,7 +423,11 @@ def split_sentences(text: str, lang: str = "en", max_words: int = 60) -> list[st
 
 def readability(text: str, lang: str = "en", max_sentence_words: int = 60) -> dict[str, float]:
     """FRE (language constants) and FKGL. Words are the tokens of `tokenize`, except that a French elided
-    clitic ("l'", "qu'") is part of its host word: "l'homme" is one word with the syllables of "homme"."""
+    clitic ("l'", "qu'") is part of its host word: "l'homme" is one word with the syllables of "homme".
+
+    Text without any word (empty, whitespace, punctuation, digits, emoji only) gives NaN for asl/asw/fre/fkgl:
+    readability is undefined there. textstat instead returns its intercepts (FRE 206.835, FKGL -15.59:
+    "easiest possible text"); `readability_textstat` reproduces that."""
     sents = split_sentences(text, lang, max_sentence_words)
     words = [w for w in tokenize(text, lang) if not w.endswith("'")]
     if not sents or not words:
@@ -461,10 +521,12 @@ def readability_textstat(text: str, lang: str = "en") -> dict[str, float]:
 
     Sentences = regex ``\\b[^.!?]+[.!?]*`` minus those of <= 2 words, floored at 1; words = whitespace split
     after deleting punctuation (hyphens and elision apostrophes too: "l'homme" -> "lhomme"). Words and
-    sentences are counted in one compiled pass over the code points, syllables through a per-token cache."""
+    sentences are counted in one compiled pass over the code points, syllables through a per-token cache.
+    Without any word textstat's averages are 0 (its ZeroDivisionError fallback), so FRE and FKGL are the
+    intercepts (206.835 / 207 and -15.59); reproduced here."""
     n_words, n_long = _ts_word_sentence_counts(codepoints(text), char_classes())
     if not n_words:
-        return {"fre": float("nan"), "fkgl": float("nan")}
+        return {"fre": FRE_CONSTANTS[lang].base, "fkgl": -15.59}
     syl = sum(map(_ts_token_syllables(lang).__getitem__, text.lower().split()))
     asl, asw = n_words / max(1, n_long), syl / n_words
     c = FRE_CONSTANTS[lang]
@@ -474,7 +536,11 @@ def readability_textstat(text: str, lang: str = "en") -> dict[str, float]:
 # ---------------------------------------------------------------- per-document and batch API
 
 def document_metrics(text: str, lang: str, zstd=None) -> dict[str, float]:
-    """All cheap (model-free) metrics of one document."""
+    """All cheap (model-free) metrics of one document. Any string is accepted (lone surrogates are replaced
+    first, see `clean_text`); the same keys always come back, NaN where a metric is undefined (no tokens:
+    ttr, mtld; fewer than 42 / 50 tokens: hdd / vocd; no word: readability), +inf for vocd of all-unique
+    text (see `vocd`)."""
+    text = clean_text(text)
     toks = tokenize(text, lang)
     ids = np.unique(toks, return_inverse=True)[1].astype(np.int64) if toks else np.zeros(0, np.int64)
     out = {"n_bytes": float(len(text.encode("utf-8")))}

@@ -31,6 +31,7 @@ from exp_curriculum.diversity import diversity_coefficient, make_batches
 from exp_curriculum.metrics import perplexity, score_dataset
 from exp_curriculum.quality import askllm_scores, density_sample, kernel_density
 from exp_curriculum.selection import d4_select, minhash_dedup, semdedup
+from exp_curriculum.study_stages import STAGES as STUDY_STAGES
 
 EXP = "exp_curriculum"
 SUMMARY_METRICS = ["char1_bits_per_char", "char1_mm_bits_per_char", "char3_bits_per_char",
@@ -300,6 +301,7 @@ STAGES = [
           description="Task2Vec diversity coefficient per corpus"),
     Stage("summary", stage_summary, inputs=("metrics", "dedup", "model_scores", "diversity"),
           description="scores.parquet and the results-table rows"),
+    *STUDY_STAGES,   # part 2: the curriculum training study (exp_curriculum/study_stages.py)
 ]
 
 

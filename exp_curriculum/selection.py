@@ -20,8 +20,9 @@ from functools import lru_cache
 import numpy as np
 from scipy.integrate import quad
 
-from exp_curriculum.metrics import USE_NUMBA, njit
+from exp_curriculum.metrics import USE_NUMBA, clean_text, njit
 
+VERIFY_MODES = ("jaccard", "estimate", "none")
 _FMIX32 = (16, np.uint32(0x85EBCA6B), 13, np.uint32(0xC2B2AE35), 16)
 MAX32 = np.uint32(0xFFFFFFFF)
 
@@ -35,19 +36,25 @@ class MinHashConfig:
     hashing: str = "sha1"          # "sha1": bit-identical to datasketch; "fast": vectorised word-hash shingles
     fp_weight: float = 0.5
     fn_weight: float = 0.5
+    # which LSH candidate pairs count as duplicates: "jaccard" = true Jaccard of the word n-gram sets >=
+    # threshold, "estimate" = MinHash estimate >= threshold, "none" = every candidate pair
+    verify: str = "jaccard"
 
     def validate(self) -> None:
         if not 0 < self.threshold < 1:
             raise ValueError(f"minhash.threshold must be in (0, 1), got {self.threshold}")
         if self.hashing not in ("sha1", "fast"):
             raise ValueError(f"minhash.hashing must be 'sha1' or 'fast', got '{self.hashing}'")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"minhash.verify must be one of {', '.join(VERIFY_MODES)}, got '{self.verify}'")
         if self.num_perm < 2 or self.ngram < 1:
             raise ValueError("minhash.num_perm must be >= 2 and minhash.ngram >= 1")
 
 
 def shingles(text: str, n: int) -> list[bytes]:
-    """Distinct word n-grams of the lower-cased text (words = \\w+ runs), UTF-8 encoded."""
-    words = re.findall(r"\w+", text.lower())
+    """Distinct word n-grams of the lower-cased text (words = \\w+ runs), UTF-8 encoded (lone surrogates
+    replaced first, see `metrics.clean_text`)."""
+    words = re.findall(r"\w+", clean_text(text).lower())
     if len(words) < n:
         return [" ".join(words).encode()] if words else []
     return list({" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)})
@@ -133,7 +140,7 @@ def _flat_hashes(texts: list[str], cfg: MinHashConfig) -> tuple[np.ndarray, np.n
 def minhash_signatures(texts: list[str], cfg: MinHashConfig, chunk: int = 1 << 13) -> np.ndarray:
     """(n_docs, num_perm) uint32 signatures; a document without words gets the all-max signature.
     Compiled kernels when numba is installed, else the numpy version (same values, tested)."""
-    texts = [t.replace("\x00", " ") if "\x00" in t else t for t in texts]  # NUL separates documents
+    texts = [clean_text(t).replace("\x00", " ") for t in texts]  # NUL separates documents
     a, b = permutations(cfg.num_perm, cfg.seed)
     if USE_NUMBA:
         return _signatures_numba(texts, cfg, a, b)
@@ -267,35 +274,74 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_we
     return opt
 
 
+def _band_buckets(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """Bucket id of every document in one band (documents agreeing on the band's `rows` values share it)."""
+    block = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+    keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
+    return np.unique(keys, return_inverse=True)[1].ravel()
+
+
+def _row_groups(sig: np.ndarray) -> np.ndarray:
+    """Group id per document: equal ids <=> identical full signatures."""
+    sig = np.ascontiguousarray(sig)
+    keys = sig.view(np.dtype((np.void, sig.dtype.itemsize * sig.shape[1]))).ravel()
+    return np.unique(keys, return_inverse=True)[1].ravel()
+
+
 def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> set[tuple[int, int]]:
-    """Pairs (i < j) whose signatures agree on all `rows` values of at least one band."""
+    """Pairs (i < j) whose signatures agree on all `rows` values of at least one band. Quadratic in a bucket's
+    size (2,000 copies of one text are 2 M pairs): for checks against datasketch; `lsh_clusters` is linear."""
     pairs: set[tuple[int, int]] = set()
     for band in range(bands):
-        block = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        inverse = _band_buckets(sig, band, rows)
+        counts = np.bincount(inverse)
         for g in np.flatnonzero(counts > 1):
             members = np.flatnonzero(inverse == g)
             pairs.update((int(x), int(y)) for k, x in enumerate(members) for y in members[k + 1:])
     return pairs
 
 
-def estimated_jaccard(sig: np.ndarray, i: int, j: int) -> float:
-    return float(np.mean(sig[i] == sig[j]))
+def _smallest_member_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on n nodes with edges (a[k], b[k]); label = smallest node index."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    comp = connected_components(graph, directed=False)[1]
+    first = np.full(comp.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    return first[comp]
 
 
-def minhash_dedup(texts: list[str], cfg: MinHashConfig, verify: bool = True,
-                  ) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
-    """Keep-mask (first document of each duplicate cluster kept) and the duplicate pairs with their estimated
-    Jaccard. With `verify`, LSH candidates whose estimated Jaccard is below the threshold are dropped."""
-    sig = minhash_signatures(texts, cfg)
-    b, r = optimal_bands(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
-    pairs = []
-    for i, j in sorted(lsh_candidate_pairs(sig, b, r)):
-        est = estimated_jaccard(sig, i, j)
-        if not verify or est >= cfg.threshold:
-            pairs.append((i, j, est))
-    parent = list(range(len(texts)))
+def lsh_clusters(sig: np.ndarray, bands: int, rows: int, same=None, groups: np.ndarray | None = None,
+                 ) -> np.ndarray:
+    """Cluster label (smallest member index) of every document: the connected components of the graph whose
+    edges are the LSH candidate pairs (same bucket in at least one band) that `same(i, j)` accepts.
+
+    `same=None` accepts every pair: each document is joined to the first member of each of its buckets
+    (one edge per document and band, then scipy's connected components): linear, never builds the pairs.
+    With `same`, `groups` (equal id => `same` holds between the two documents and they compare equally
+    with every third one, e.g. identical signatures or identical shingle sets) merges the members of a
+    group directly; within a bucket only one member per group is compared, pairs already connected are
+    skipped and a rejected pair is never tested twice. None of that changes the components (tested
+    against brute force); 2,000 copies of one text cost one group, not 2 M comparisons."""
+    n = len(sig)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    buckets = [_band_buckets(sig, band, rows) for band in range(bands)]
+    if same is None:
+        a, b = [], []
+        for inv in buckets:
+            first = np.full(inv.max() + 1, n, dtype=np.int64)
+            np.minimum.at(first, inv, np.arange(n))
+            a.append(np.arange(n))
+            b.append(first[inv])
+        return _smallest_member_labels(n, np.concatenate(a), np.concatenate(b))
+    if groups is None:
+        groups = np.arange(n)
+    _, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    labels = _smallest_member_labels(n, np.arange(n), first[inv.ravel()])
+    parent = labels.tolist()          # union-find over the group-merged start
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -303,12 +349,77 @@ def minhash_dedup(texts: list[str], cfg: MinHashConfig, verify: bool = True,
             x = parent[x]
         return x
 
-    for i, j, _ in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    keep = np.array([find(i) == i for i in range(len(texts))], dtype=bool)
-    return keep, pairs
+    rejected: set[tuple[int, int]] = set()
+    for inv in buckets:
+        order = np.argsort(inv, kind="stable")
+        cuts = np.flatnonzero(np.diff(inv[order])) + 1
+        for members in np.split(order, cuts):
+            if len(members) < 2:
+                continue
+            # one representative (the first) per group inside the bucket
+            reps = members[np.unique(groups[members], return_index=True)[1]].tolist()
+            if len(reps) < 2:
+                continue
+            for k, x in enumerate(reps):
+                for y in reps[k + 1:]:
+                    rx, ry = find(x), find(y)
+                    if rx == ry or (x, y) in rejected:
+                        continue
+                    if same(x, y):
+                        parent[max(rx, ry)] = min(rx, ry)
+                    else:
+                        rejected.add((x, y))
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def estimated_jaccard(sig: np.ndarray, i: int, j: int) -> float:
+    return float(np.mean(sig[i] == sig[j]))
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    """|a & b| / |a | b|; two empty sets (documents without words) are identical: 1."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def minhash_dedup(texts: list[str], cfg: MinHashConfig, verify: str | None = None, log=print,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(keep-mask, cluster label per document): the smallest index of each duplicate cluster is kept.
+
+    Clusters are connected components of the LSH candidate pairs accepted by `verify` (default
+    `cfg.verify`): "jaccard" = true Jaccard of the `shingles` sets >= threshold (shingled only for documents
+    that share a bucket), "estimate" = MinHash estimate >= threshold, "none" = all candidates."""
+    import time
+
+    verify = cfg.verify if verify is None else verify
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"minhash verify must be one of {', '.join(VERIFY_MODES)}, got '{verify}'")
+    t0 = time.perf_counter()
+    sig = minhash_signatures(texts, cfg)
+    b, r = optimal_bands(cfg.threshold, cfg.num_perm, cfg.fp_weight, cfg.fn_weight)
+    log(f"minhash: {len(texts)} signatures ({cfg.hashing}, {cfg.num_perm} permutations) in "
+        f"{time.perf_counter() - t0:.1f} s; LSH {b} bands x {r} rows, verify={verify}")
+    if verify == "none":
+        labels = lsh_clusters(sig, b, r)
+    elif verify == "estimate":
+        labels = lsh_clusters(sig, b, r, same=lambda i, j: estimated_jaccard(sig, i, j) >= cfg.threshold,
+                              groups=_row_groups(sig))
+    else:
+        # shingle sets only of documents that share a bucket with another one
+        in_bucket = np.zeros(len(texts), dtype=bool)
+        for band in range(b):
+            inv = _band_buckets(sig, band, r)
+            in_bucket |= np.bincount(inv)[inv] > 1
+        sets: dict[int, frozenset] = {int(i): frozenset(shingles(texts[i], cfg.ngram))
+                                      for i in np.flatnonzero(in_bucket)}
+        ids: dict[frozenset, int] = {}
+        groups = np.array([ids.setdefault(sets[i], len(ids)) if i in sets else -1 - i for i in range(len(texts))])
+        labels = lsh_clusters(sig, b, r, same=lambda i, j: jaccard(sets[i], sets[j]) >= cfg.threshold,
+                              groups=groups)
+    keep = labels == np.arange(len(texts))
+    log(f"minhash: {int((~keep).sum())} of {len(texts)} documents removed in {time.perf_counter() - t0:.1f} s")
+    return keep, labels
 
 
 # ---------------------------------------------------------------- SemDeDup / SSL prototypes / D4

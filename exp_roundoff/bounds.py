@@ -3,8 +3,9 @@
 Two kinds of quantities (derivations in README.md, section "Bounds"):
 
 * ``weight_functionals``: the a-priori, weight-only terms of the worst-case analysis, per block, in float64 —
-  the authors' omega_kq, omega_ov, omega_ud (inf-norms, as in sbudzinskiy/lowprec-llm-inference) plus the
-  spectral norms ||W_q,h^T W_k,h||_2, ||W_o||_2 ||W_v||_2, ||W_up||_2 ||W_down||_2.
+  the authors' omega_kq, omega_ov, omega_ud (as in sbudzinskiy/lowprec-llm-inference: omega_kq sums |W_h|
+  over d_model; omega_kq_headsum is the variant summing over the head dimension) plus the spectral norms
+  ||W_q,h^T W_k,h||_2, ||W_o||_2 ||W_v||_2, ||W_up||_2 ||W_down||_2.
 * ``forward_error_bound``: a first-order (in the unit roundoffs) bound on the l2 error of every token's
   residual stream after every block and of the logits. It composes, op by op, the local rounding error of
   the op (from the policy's formats and the reference activations) with the op's local Lipschitz constant
@@ -65,19 +66,23 @@ def weight_functionals(model: torch.nn.Module, n_heads: int, n_kv_heads: int | N
         if w is not None:
             d_head = w["q"].shape[1] // n_heads
             rep = n_heads // n_kv_heads
-            kq, kq2, vmax, v2 = 0.0, 0.0, 0.0, 0.0
+            kq, kq_head, kq2, vmax, v2 = 0.0, 0.0, 0.0, 0.0, 0.0
             for h in range(n_heads):
                 sl = slice(h * d_head, (h + 1) * d_head)
                 sk = slice((h // rep) * d_head, (h // rep + 1) * d_head)
                 wq, wk, wv = w["q"][:, sl], w["k"][:, sk], w["v"][:, sk]
-                # rowsum|W_{K,h}| with W as (d_head, d_model) in the authors' convention = |W| summed over d_head
-                kq = max(kq, float(wk.abs().sum(1).norm()) * float(wq.abs().sum(1).norm()))
+                # authors (compute_omega_kq): W_h as (d_head, d_model), |W_h| summed over d_model, l2 over d_head;
+                # here W_h is (d_model, d_head), so the d_model sum is over dim 0
+                kq = max(kq, float(wk.abs().sum(0).norm()) * float(wq.abs().sum(0).norm()))
+                # our earlier variant: |W_h| summed over d_head, l2 over d_model (~ d_head / d_model of the above)
+                kq_head = max(kq_head, float(wk.abs().sum(1).norm()) * float(wq.abs().sum(1).norm()))
                 # ||W_q W_k^T||_2 of a rank-d_head product through the QR factors' small R's
                 rq, rk = torch.linalg.qr(wq, mode="r")[1], torch.linalg.qr(wk, mode="r")[1]
                 kq2 = max(kq2, float(torch.linalg.matrix_norm(rq @ rk.t(), 2)))
                 vmax = max(vmax, _inf(wv))
                 v2 = max(v2, spectral_norm(wv))
-            row.update(omega_kq=2.0 / math.sqrt(d_head) * kq, qk_spectral=kq2 / math.sqrt(d_head),
+            row.update(omega_kq=2.0 / math.sqrt(d_head) * kq,
+                       omega_kq_headsum=2.0 / math.sqrt(d_head) * kq_head, qk_spectral=kq2 / math.sqrt(d_head),
                        omega_ov=_inf(w["o"]) * vmax, ov_spectral=spectral_norm(w["o"]) * v2)
         m = _mlp_weights(block)
         if m is not None:
@@ -177,9 +182,24 @@ def softmax_propagated_bound(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * torch.minimum(plain, plain + ((1 - 2 * pk) * bk).squeeze(-1))
 
 
+def _attention_support(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, keys): the captured probabilities with fully masked rows set to 0 (a left-padding query: the
+    captured float64 softmax of an all -inf row is NaN, while the model's SDPA returns 0 there) and the mask
+    of keys a query attends to. Masked keys must not enter any term: their probability is exactly 0 in both
+    runs, and their error bounds (padding tokens) would otherwise spread as 0 * NaN to every real token."""
+    keys = torch.isfinite(c["s"])
+    return torch.where(keys, torch.nan_to_num(c["p"], nan=0.0), 0.0), keys
+
+
+def _masked(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """x broadcast to the (B, H, T, S) score shape, 0 at masked keys (so 0 * inf / NaN cannot arise)."""
+    return torch.where(keys, x, 0.0)
+
+
 def attention_bound(c: dict, eq: torch.Tensor, ek: torch.Tensor, ev: torch.Tensor, policy: Policy) -> torch.Tensor:
     """Scores -> softmax -> P V, per head, with per-token error bounds of q, k, v (after rotary / GQA)."""
-    q, k, v, p, s = c["q"], c["k"], c["v"], c["p"], c["s"]
+    q, k, v, s = c["q"], c["k"], c["v"], c["s"]
+    p, finite = _attention_support(c)
     scale = c["scale"]
     B, H, T, dh = q.shape
     S = k.shape[2]
@@ -193,7 +213,6 @@ def attention_bound(c: dict, eq: torch.Tensor, ek: torch.Tensor, ev: torch.Tenso
     qn = q.norm(dim=-1)                       # (B, H, T)
     kn = k.norm(dim=-1)                       # (B, H, S)
     vn = v.norm(dim=-1)                       # (B, H, S)
-    finite = torch.isfinite(s)
     s0 = torch.where(finite, s, 0.0)
     ds = scale * (eq_ * kn[:, :, None, :] + qn[..., None] * ek_) + cg_s * scale * qn[..., None] * kn[:, :, None, :] \
         + 2 * _u(ps.fmt) * s0.abs()
@@ -204,7 +223,9 @@ def attention_bound(c: dict, eq: torch.Tensor, ek: torch.Tensor, ev: torch.Tenso
     pz = (p * z.abs()).sum(-1)
     na = _n_acc(pm, S)
     dp = softmax_propagated_bound(p, ds) + 2 * (ua * pz + 2 * ua) + (na + 1) * ua + uo + ua
-    do = dp * vn.amax(-1, keepdim=True) + (p * ev_[:, :, None, :]).sum(-1) + cg_v * (p * vn[:, :, None, :]).sum(-1) \
+    # max ||v_s|| over the keys the query attends to (dp is 0 on masked keys in both runs)
+    vmax = _masked(vn[:, :, None, :].expand_as(p), finite).amax(-1)
+    do = dp * vmax + _masked(p * ev_[:, :, None, :], finite).sum(-1) + cg_v * (p * vn[:, :, None, :]).sum(-1) \
         + _u(pv.fmt) * c["o"].norm(dim=-1)
     return do.pow(2).sum(1).sqrt().reshape(-1)  # combine heads: (B, T) -> B*T
 
@@ -284,7 +305,8 @@ class _Typical:
         return torch.sqrt((gain * e) ** 2 + loc2)
 
     def attn(self, c: dict, eq, ek, ev, policy: Policy) -> torch.Tensor:
-        q, k, v, p, s = c["q"], c["k"], c["v"], c["p"], c["s"]
+        q, k, v, s = c["q"], c["k"], c["v"], c["s"]
+        p, finite = _attention_support(c)
         scale = c["scale"]
         B, H, T, dh = q.shape
         S = k.shape[2]
@@ -295,7 +317,6 @@ class _Typical:
         ek_ = (ek / sh).reshape(B, 1, 1, S)
         ev_ = (ev / sh).reshape(B, 1, S)
         qn, kn, vn = q.norm(dim=-1), k.norm(dim=-1), v.norm(dim=-1)
-        finite = torch.isfinite(s)
         s0 = torch.where(finite, s, 0.0)
         ds2 = scale**2 * ((eq_ * kn[:, :, None, :]) ** 2 + (qn[..., None] * ek_) ** 2) / dh \
             + (2 * _u(ps.operand_fmt) ** 2 / 3) * scale**2 * (q.pow(2) @ k.pow(2).transpose(-1, -2)) \
@@ -306,7 +327,7 @@ class _Typical:
         # Var(ds_i - sum_j p_j ds_j) = (1 - 2 p_i) var_i + sum_j p_j^2 var_j (a sink's own error cancels)
         ds2c = (1 - 2 * p) * ds2 + (p**2 * ds2).sum(-1, keepdim=True)
         dp2 = p**2 * (ds2c + (ua**2 / 3) * (z**2 + 2 + _n_acc(pm, S)) + uo**2 / 3)
-        do2 = (dp2 * vn[:, :, None, :] ** 2).sum(-1) + (p**2 * ev_[:, :, None, :] ** 2).sum(-1) \
+        do2 = (dp2 * vn[:, :, None, :] ** 2).sum(-1) + _masked(p**2 * ev_[:, :, None, :] ** 2, finite).sum(-1) \
             + (2 * _u(pv.operand_fmt) ** 2 / 3) * (p**2 @ v.pow(2)).sum(-1) \
             + (_u(pv.acc_fmt) ** 2 / 3 + _u(pv.fmt) ** 2 / 3) * c["o"].pow(2).sum(-1)
         return do2.sum(1).sqrt().reshape(-1)

@@ -14,6 +14,9 @@ class ClosedConfig:
     delta: float = 5.0                                   # minutes (Daly's worked examples)
     repair: float = 10.0
     mtbfs: list[float] = field(default_factory=lambda: [1440.0, 360.0, 15.0, 185.6])
+    # how each MTBF is read: Daly's examples are the Poisson rate on the uptime clock; Llama 3's 54 d / 419
+    # interruptions = 185.6 min is a wall-clock mean (repair included)
+    mtbf_kinds: list[str] = field(default_factory=lambda: ["uptime", "uptime", "uptime", "wallclock"])
     curve_points: int = 40                               # TOR vs interval curve per MTBF
 
 
@@ -51,6 +54,11 @@ class PlanningConfig:
     delta_s: float = 60.0                                # blocking checkpoint time
     repair_s: float = 600.0                              # restart overhead u0 (5-20 min there)
     cluster_sizes: list[int] = field(default_factory=lambda: [512, 2048, 8192, 16384, 32768, 131072])
+    # failure-rate sensitivity: Meta's measured MTTF at one job size (Kokolis et al.: 7.9 h at 1,024 GPUs) as a
+    # per-node rate, next to the planner's rate × each multiplier
+    measured_mttf_h: float = 7.9
+    measured_mttf_gpus: int = 1024
+    rate_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0])
 
 
 @dataclass
@@ -83,6 +91,13 @@ class Config:
             raise ValueError("keys planning.models, planning.params_b, planning.gpus must have equal lengths")
         if not 0 < p.mfu <= 1:
             raise ValueError(f"key 'planning.mfu' must be in (0, 1], got {p.mfu}")
+        c = self.closed
+        if len(c.mtbf_kinds) != len(c.mtbfs) or any(k not in ("uptime", "wallclock") for k in c.mtbf_kinds):
+            raise ValueError("key 'closed.mtbf_kinds' must give 'uptime' or 'wallclock' for each of closed.mtbfs")
+        if p.measured_mttf_h <= 0 or p.measured_mttf_gpus < 1 or not p.rate_multipliers \
+                or min(p.rate_multipliers) <= 0:
+            raise ValueError("keys 'planning.measured_mttf_h', 'planning.measured_mttf_gpus' and "
+                             "'planning.rate_multipliers' must be positive (multipliers: a non-empty list)")
         if self.sim.n_cycles < 100:
             raise ValueError("key 'sim.n_cycles' must be >= 100")
         if self.sim.trace_policy not in ("tolerate", "ckpt_restart", "treat_as_stop"):

@@ -2,9 +2,10 @@
 
 TOR = T_opt / T_obs with W_opt·T_opt = ∫ w_obs dt and r(t) = w_obs(t)/W_opt   [paper, eqs. (1)-(4)]
 
-Everything else in this file is a RECONSTRUCTION (ours, ../shared/research/tor.md §1.5), not the paper's
-printed equations, which we could not read: a repeating unit of stages (healthy run, checkpoint saving,
-repair, slow recovery; fail-slow stages) evaluated with renewal-reward theory:
+Everything else in this file is a RECONSTRUCTION (ours, after §1.5 of the project's TOR research note, kept
+with the shared research notes outside this repository), not the paper's printed equations, which we could
+not read: a repeating unit of stages (healthy run, checkpoint saving, repair, slow recovery; fail-slow
+stages) evaluated with renewal-reward theory:
 
     TOR = (Σ_k r_k·E[d_k] − E[L]) / Σ_k E[d_k]                          (general stage form)
 
@@ -163,6 +164,21 @@ def combined(tau, delta, repair, mtbf, slow_mtbf, rho, slow_duration, mitigation
     """Independent, rare fail-stop and fail-slow: TOR ≈ TOR_stop × TOR_slow (error O(λ_f·λ_s); ours)."""
     stop = (fail_stop_exact if exact else fail_stop_first_order)(tau, delta, repair, mtbf, mtbf_kind)
     return stop * fail_slow(slow_mtbf, rho, slow_duration, mitigation, policy, tau, delta, repair)
+
+
+def ettr_meta(interval, w_cp, u0, failure_rate):
+    """Meta's expected Effective Training Time Ratio (Kokolis et al., arXiv 2410.21680), their approximation
+
+        E[ETTR] ≈ (1 − N·r_f·(u0 + Δt_cp/2)) / (1 + w_cp/Δt_cp)
+
+    with ``failure_rate`` = N·r_f the job's failure rate (nodes × per-node rate, 1/time), ``interval`` = Δt_cp
+    the time between checkpoints, ``w_cp`` the (blocking) checkpoint write time and ``u0`` the restart
+    overhead. First order in the failure rate: it charges half an interval of rollback, not half a period
+    (τ+δ)/2, so it exceeds the exact TOR by ≈ r·δ/2 at small rates. Clipped to [0, 1]."""
+    dt, w, u, lam = _arr(interval, w_cp, u0, failure_rate)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        val = (1 - lam * (u + dt / 2)) / (1 + w / dt)
+    return np.clip(val, 0.0, 1.0)
 
 
 def predicted_t_obs(t_opt, tor):

@@ -117,3 +117,75 @@ def test_redundant_profile_keys_finds_nested_repeats(tmp_path):
     y = tmp_path / "p.yaml"
     y.write_text("seed: 0\ninner:\n  a: 2\n  b: [1, 2]\n")
     assert redundant_profile_keys(_RepeatOuter, y) == ["seed", "inner.b"]
+
+
+# ---------------------------------------------------------------- which layer set the offending value
+def _config_error(tmp_path, yaml_text: str | None, overrides: list[str]) -> str:
+    if yaml_text is not None:
+        (tmp_path / "quick.yaml").write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        build_config(Cfg, "quick" if yaml_text is not None else None, overrides, config_dir=tmp_path)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("overrides", [["train.steps=0"], ["train.steps=abc"], ["train.stepz=1"], ["seed=1.5"]])
+def test_override_error_names_the_command_line_not_the_profile(tmp_path, overrides):
+    msg = _config_error(tmp_path, "seed: 3\ntrain:\n  lr: 0.1\n", overrides)
+    assert msg.startswith(f"command-line override '{overrides[0]}'"), msg
+    assert "quick.yaml" not in msg
+
+
+@pytest.mark.parametrize("yaml_text", ["train:\n  steps: 0\n", "train:\n  steps: abc\n", "train:\n  stepz: 1\n"])
+def test_profile_error_names_the_yaml_even_with_overrides(tmp_path, yaml_text):
+    msg = _config_error(tmp_path, yaml_text, ["seed=4", "train.lr=0.5"])
+    assert msg.startswith(str(tmp_path / "quick.yaml") + ":"), msg
+    assert "command-line" not in msg
+
+
+def test_later_layer_owns_the_value(tmp_path):
+    # the YAML's bad value is replaced on the command line: no error; the reverse names the override
+    (tmp_path / "quick.yaml").write_text("train:\n  steps: 0\n")
+    assert build_config(Cfg, "quick", ["train.steps=5"], config_dir=tmp_path).train.steps == 5
+    msg = _config_error(tmp_path, "train:\n  steps: 5\n", ["train={steps: 0}"])
+    assert msg.startswith("command-line override 'train={steps: 0}'"), msg
+
+
+def test_error_naming_keys_of_two_layers_names_both(tmp_path):
+    @dataclass
+    class Pair:
+        a: int = 1
+        b: int = 1
+
+        def validate(self) -> None:
+            if self.a != self.b:
+                raise ValueError("keys a and b must be equal")
+
+    (tmp_path / "p.yaml").write_text("a: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        build_config(Pair, tmp_path / "p.yaml", ["b=3"])
+    assert str(exc.value) == (f"{tmp_path / 'p.yaml'} (a); command-line override 'b=3' (b): "
+                              "keys a and b must be equal")
+
+
+def test_omegaconf_detail_lines_are_dropped(tmp_path):
+    for yaml_text, overrides in [(None, ["train.steps=abc"]), (None, ["train=5"]),
+                                 ("train:\n  lr: fast\n", []), (None, ["train.nope=1"])]:
+        msg = _config_error(tmp_path, yaml_text, overrides)
+        assert "\n" not in msg and not any(w in msg for w in ("full_key", "reference_type", "object_type")), msg
+
+
+def test_run_py_override_errors_name_their_source(tmp_path):
+    """End to end through a real experiment's CLI: exit 2, one line, the right source."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "exp_tor/run.py", "--show-config", *args], cwd=REPO_ROOT,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+    bad_cli = run("stage=bogus")
+    assert bad_cli.returncode == 2 and bad_cli.stdout == ""
+    assert bad_cli.stderr.strip() == ("config error: command-line override 'stage=bogus': key 'stage': "
+                                      "Key 'stage' not in 'Config'. Did you mean: 'stages'?")
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("sim:\n  n_cycles: 5\n")
+    bad_yaml = run("--profile", str(profile), "seed=2")
+    assert bad_yaml.returncode == 2
+    assert bad_yaml.stderr.strip() == f"config error: {profile}: key 'sim.n_cycles' must be >= 100"

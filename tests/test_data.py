@@ -65,10 +65,17 @@ def test_mmlu_validation_names_file_record_and_line(monkeypatch, tmp_path):
     (root / "mmlu" / "dev" / "toy_dev.csv").write_text("Q1,a,b,c,A\n")
     with pytest.raises(DataValidationError, match=r"toy_dev.csv: record 1 \(line 1\): expected 6 columns"):
         load_named("mmlu", split="dev")
-    # quoted fields spanning lines (42 release files have them): record 3 starts on physical line 5
+    # quoted fields spanning lines (42 release files have them): record 3 covers physical lines 5-6, and its
+    # answer 'E' stands on line 6 (hand-counted: record 1 = lines 1-3, record 2 = line 4)
     text = '"Q1\nspans\nthree lines",a,b,c,d,A\nQ2,a,b,c,d,B\n"Q3\nx",a,b,c,d,E\n'
     (root / "mmlu" / "dev" / "toy_dev.csv").write_text(text)
-    with pytest.raises(DataValidationError, match=r"toy_dev.csv: record 3 \(line 5\): answer 'E'"):
+    with pytest.raises(DataValidationError, match=r"toy_dev.csv: record 3 \(lines 5-6\): answer 'E'"):
+        load_named("mmlu", split="dev")
+    assert text.split("\n")[5].endswith(",E")  # physical line 6 (1-based) holds the bad answer
+    # a CSV-level error inside a multi-line record: the record and the lines read up to the error
+    big = "x" * 70_000
+    (root / "mmlu" / "dev" / "toy_dev.csv").write_text(f'Q1,a,b,c,d,A\n"{big}\n{big}\n{big}",a,b,c,d,A\n')
+    with pytest.raises(DataValidationError, match=r"toy_dev.csv: record 2 \(lines 2-3\): bad CSV \(field larger"):
         load_named("mmlu", split="dev")
     (root / "mmlu" / "dev" / "toy_dev.csv").write_text(text.replace(",E", ",C"))
     rows = load_named("mmlu", split="dev")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from common import results
+from common.paths import REPO_ROOT
 from common.results import CorruptRecordError, Run, iter_records, load_results, regenerate_csv
 from tests.conftest import PYTHON, subprocess_env
 
@@ -115,6 +116,7 @@ _CRASH_SCRIPT = """
 import os, sys, time
 from pathlib import Path
 from common import results
+from common.paths import REPO_ROOT
 run = results.Run('exp_crash', root=Path(sys.argv[1]))
 for i in range(3):
     run.log(table='t', method='m', metric='v', value=float(i))
@@ -308,3 +310,28 @@ def test_latest_rows_replaces_rerun_rows_keeps_distinct_ones(tmp_path):
     regenerate_csv(tmp_path)
     df = latest_rows(load_results(tmp_path))
     assert sorted(zip(df["p.k"], df["value"])) == [(1, 0.3), (2, 0.2)]
+
+
+@pytest.mark.parametrize("target,field,bad", [("manifest.json", "git", "abc"), ("rows.jsonl", "value", "oops")])
+def test_make_figures_names_a_wrong_typed_record_and_exits_nonzero(tmp_path, target, field, bad):
+    """End to end: a record that is valid JSON with a wrong type stops the figures/report with one line
+    naming the file, a non-zero exit and no traceback, and the report is not written from it."""
+    run = Run("exp_test", root=tmp_path)
+    run.log(table="t", method="m", metric="v", value=1.0)
+    run.finish()
+    path = run.run_dir / target
+    if target == "manifest.json":
+        m = json.loads(path.read_text())
+        m[field] = bad
+        path.write_text(json.dumps(m))
+    else:
+        row = json.loads(path.read_text())
+        row[field] = bad
+        _rewrite_rows(run.run_dir, [json.dumps(row)])
+    proc = subprocess.run([PYTHON, "results/make_figures.py", "--results-dir", str(tmp_path), "--no-figures"],
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(path) in line and f"'{field}'" in line, line
+    assert not (tmp_path / "REPORT.md").exists()

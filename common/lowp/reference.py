@@ -21,6 +21,7 @@ format/spec layer (``formats.py``, ``spec.py``).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -29,9 +30,11 @@ from common.lowp.spec import (
     INT_VIEW,
     check_matmul_args,
     check_mode,
+    exact_block_mask,
     format_constants,
     needs_work,
     output_dtype,
+    products_exact,
     random_bits,
     resolve_container,
     same_range_ieee,
@@ -211,15 +214,137 @@ def quantize_torch(x: torch.Tensor, fmt: FloatFormat, mode: str = "rne",
 
 
 # ------------------------------------------------------------------------------ emulated matmul
+def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knuth's TwoSum: ``(s, e)`` with ``s = fl(a + b)`` and ``a + b == s + e`` exactly (finite values)."""
+    s = a + b
+    bp = s - a
+    return s, (a - (s - bp)) + (b - bp)
+
+
 def round_to_odd_add(acc: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """``acc + part`` (float64) rounded to odd: the float64 neighbour with an odd last bit when inexact."""
-    s = acc + part
-    bp = s - acc
-    err = (acc - (s - bp)) + (part - bp)  # TwoSum: acc + part == s + err exactly
+    s, err = two_sum(acc, part)
     bits = s.view(torch.int64)
     fix = (err != 0) & torch.isfinite(err) & ((bits & 1) == 0)
     step = torch.where((err > 0) == (s > 0), 1, -1)  # move the magnitude toward the exact value
     return torch.where(fix, bits + step, bits).view(torch.float64)
+
+
+_MAX_LEVELS = 64  # each level takes >= 53 - ceil(log2 n) - 1 bits; float64 spans 2098
+
+
+def extract_levels(terms: torch.Tensor) -> list[torch.Tensor]:
+    """Float64 tensors ``tau_1, tau_2, ...`` (shape ``terms.shape[:-1]``) whose sum is exactly the sum of each
+    row of ``terms`` (finite, max |term| < 2^(1020 - ceil(log2 n))): Rump, Ogita & Oishi's ExtractVector,
+    repeated until nothing is left. With ``sigma = 2^k >= n max|p|`` per row, ``q = fl(sigma + p) - sigma``
+    is a multiple of 2^-53 sigma with |q| <= sigma / n, so ``sum(q)`` is exact in any order (every partial
+    sum is a multiple of 2^-53 sigma of magnitude <= sigma), ``p - q`` is exact (it is the rounding error
+    of sigma + p) and below 2^-53 sigma: each level takes >= 53 - ceil(log2 n) - 1 bits off the top."""
+    shift = max(1, (terms.shape[-1] - 1).bit_length())  # 2^shift >= n
+    taus = []
+    p = terms
+    for _ in range(_MAX_LEVELS):
+        _, e = torch.frexp(p.abs().amax(-1, keepdim=True))  # max|p| < 2^e
+        sigma = torch.ldexp(torch.ones_like(p[..., :1]), e + shift)
+        q = (sigma + p) - sigma
+        p = p - q
+        taus.append(q.sum(-1))
+        if not p.any():
+            return taus
+    raise RuntimeError("extract_levels did not terminate (non-finite or out-of-range terms)")
+
+
+def _grow_expansion(e: list[torch.Tensor], b: torch.Tensor) -> list[torch.Tensor]:
+    """Shewchuk's Grow-Expansion: ``e`` (nonoverlapping, increasing magnitude, zeros anywhere) plus ``b``,
+    exactly, as an expansion with the same properties (round-to-nearest-even arithmetic)."""
+    out = []
+    q = b
+    for c in e:
+        q, h = two_sum(q, c)
+        out.append(h)
+    out.append(q)
+    return out
+
+
+def _expansion_sign(e: list[torch.Tensor]) -> torch.Tensor:
+    """Sign (-1, 0, 1) of the exact sum of a nonoverlapping expansion: that of its largest nonzero
+    component (the smaller ones add up to less than its lowest set bit)."""
+    sign = torch.zeros_like(e[0])
+    for c in e:  # increasing magnitude: the last nonzero one wins
+        sign = torch.where(c != 0, torch.sign(c), sign)
+    return sign
+
+
+def _float64_of_sum_python(values: list[float], rounding: str) -> float:
+    """The exact sum of ``values`` rounded to float64 (``rounding``: "odd" or "nearest"), with rationals."""
+    exact = sum((Fraction(v) for v in values), Fraction(0))
+    h = float(exact)  # correctly rounded to nearest (even)
+    if rounding == "nearest" or Fraction(h) == exact:
+        return h
+    nb = math.nextafter(h, math.inf if exact > h else -math.inf)
+    return h if int(torch.tensor(h, dtype=torch.float64).view(torch.int64)) & 1 else nb
+
+
+def exact_sum_float64(terms: torch.Tensor, rounding: str = "odd") -> torch.Tensor:
+    """The exact sum of each row of ``terms`` (2-D float64, finite, see ``extract_levels``) rounded to
+    float64: ``rounding="odd"`` (round-to-odd) or ``"nearest"`` (ties to even). The level sums become an
+    exact nonoverlapping expansion (Grow-Expansion); its float sum h is within an ulp of the exact sum S,
+    and exact signs of ``S - h``, ``S - nb`` (nb: h's neighbour toward S) and of S minus their midpoint
+    (more expansions) place S; rows where h is not within an ulp (not expected) are done with rationals."""
+    taus = extract_levels(terms)
+    e = [taus[0]]
+    for t in taus[1:]:
+        e = _grow_expansion(e, t)
+    h = e[0]
+    for c in e[1:]:
+        h = h + c
+    rest = _grow_expansion(e, -h)  # S - h, exactly
+    sh = _expansion_sign(rest)
+    nb = torch.nextafter(h, torch.where(sh > 0, math.inf, -math.inf).to(h.dtype))  # toward S
+    sn = _expansion_sign(_grow_expansion(e, -nb))
+    h_odd = (h.view(torch.int64) & 1) == 1
+    if rounding == "odd":
+        between = torch.where(h_odd, h, nb)
+    else:
+        # sign of S - (h + nb)/2: (nb - h) is an exact float and halving it is exact (S, a sum of floats,
+        # cannot lie strictly between two neighbouring subnormals, so that case never reaches here).
+        sm = _expansion_sign(_grow_expansion(rest, -(nb - h) * 0.5))
+        between = torch.where(sm * sh > 0, nb, torch.where(sm * sh < 0, h, torch.where(h_odd, nb, h)))
+    out = torch.where(sh == 0, h, torch.where(sn == 0, nb, between))
+    unsettled = (sh != 0) & (sn != 0) & (sn == sh)  # S beyond the neighbour
+    if unsettled.any():
+        out = out.clone()
+        for r in unsettled.nonzero().flatten().tolist():
+            out[r] = _float64_of_sum_python([float(t[r]) for t in taus], rounding)
+    return out
+
+
+_EXACT_CHUNK = 1 << 22  # products per chunk of the exact block sum (memory)
+
+
+def exact_block_update(s: torch.Tensor, acc: torch.Tensor, a_blk: torch.Tensor, b_blk: torch.Tensor,
+                       mask: torch.Tensor, rounding: str = "odd") -> torch.Tensor:
+    """``s`` with the elements in ``mask`` replaced by ``acc + sum_k a_ik b_kj`` computed exactly (float64
+    products: exact for ``products_exact`` formats) and rounded to float64 (``exact_sum_float64``).
+    Non-finite or near-overflow elements keep ``s`` (IEEE float64 arithmetic)."""
+    batch = s.shape[:-2]
+    a_e = a_blk.expand(*batch, *a_blk.shape[-2:])
+    b_t = b_blk.expand(*batch, *b_blk.shape[-2:]).transpose(-1, -2)
+    kb = a_blk.shape[-1]
+    limit = 2.0 ** (1020 - max(1, kb.bit_length()))  # extract_levels' sigma stays finite
+    mask = mask & torch.isfinite(s) & (s.abs() < limit)
+    idx = mask.nonzero(as_tuple=True)
+    if idx[0].numel() == 0:
+        return s
+    out = s.clone()
+    step = max(1, _EXACT_CHUNK // (kb + 1))
+    for c0 in range(0, idx[0].numel(), step):
+        ix = tuple(t[c0:c0 + step] for t in idx)
+        terms = torch.cat([a_e[ix[:-1]] * b_t[ix[:-2] + ix[-1:]], acc[ix][:, None]], dim=1)
+        ok = torch.isfinite(terms).all(1) & (terms.abs().amax(1) < limit)
+        exact = exact_sum_float64(torch.where(ok[:, None], terms, 0.0), rounding)
+        out[ix] = torch.where(ok, exact, s[ix])
+    return out
 
 
 def fp32_hardware_exact(aq: torch.Tensor, bq: torch.Tensor, in_fmt: FloatFormat, acc_fmt: FloatFormat) -> bool:
@@ -257,14 +382,22 @@ def emulated_matmul_torch(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat,
     k_total = aq.shape[-1]
     if block_k == 1 and mode == "rne" and fp32_hardware_exact(aq, bq, in_fmt, acc_fmt):
         return quantize_torch(_fp32_recursive_sum(aq, bq), out_fmt).to(output_dtype(out_fmt))
-    exact_acc = acc_fmt.man_bits <= 51
+    # Round-to-odd at 53 bits then rounding to acc_fmt is the correct rounding when 53 >= p + 2
+    # (Boldo-Melquiond); wider accumulators get the exact sum rounded to nearest float64.
+    rounding = "odd" if acc_fmt.man_bits <= 50 else "nearest"
+    prods_exact = products_exact(in_fmt)  # else: products and block sums are plain float64 arithmetic
     acc = None
     for k0 in range(0, k_total, block_k):
         k1 = min(k0 + block_k, k_total)
-        part = aq[..., k0:k1] @ bq[..., k0:k1, :]
+        a_blk, b_blk = aq[..., k0:k1], bq[..., k0:k1, :]
+        part = a_blk @ b_blk  # exact where exact_block_mask says so (always for one product)
         if acc is None:
             acc = torch.zeros_like(part)
-        s = round_to_odd_add(acc, part) if exact_acc else acc + part
+        s = round_to_odd_add(acc, part) if rounding == "odd" else acc + part
+        if prods_exact and k1 - k0 > 1:
+            inexact = ~exact_block_mask(a_blk, b_blk, in_fmt)
+            if inexact.any():
+                s = exact_block_update(s, acc, a_blk, b_blk, inexact, rounding)
         acc = quantize_torch(s, acc_fmt, mode, generator)
     if acc is None:  # K == 0: an empty sum
         acc = aq @ bq

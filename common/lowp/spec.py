@@ -93,3 +93,43 @@ def check_matmul_args(a: torch.Tensor, b: torch.Tensor, block_k: int) -> None:
         raise ValueError(f"batch sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
     if block_k < 1:
         raise ValueError(f"block_k must be >= 1, got {block_k}")
+
+
+def products_exact(in_fmt: FloatFormat) -> bool:
+    """Every product of two ``in_fmt`` numbers is a float64 number: <= 26-bit significands (so <= 52-bit
+    products), no product below float64's subnormal grid 2^-1074 and none above its range."""
+    return (in_fmt.precision <= 26 and 2 * (in_fmt.emin - in_fmt.man_bits) >= -1074
+            and 2 * (in_fmt.emax + 1) <= 1023)
+
+
+
+def exact_block_mask(a_blk: torch.Tensor, b_blk: torch.Tensor, in_fmt: FloatFormat) -> torch.Tensor:
+    """Per output element, True where the float64 sum of the block's products ``sum_k a_ik b_kj`` is exact
+    in every summation order (BLAS blocking, FMA included); ``a_blk``/``b_blk``: one k-block of the operands
+    (values of ``in_fmt``, float64, products exact: ``products_exact``). Why: the last bit of a nonzero
+    ``in_fmt`` value x is not below ``l(x) = max(floor(log2|x|), emin) - man_bits``, so every product and
+    partial sum is a multiple of ``g = 2^min_k (l(a_ik) + l(b_kj))``, and ``1/g <= G = sum_k 2^-l(a_ik)
+    2^-l(b_kj)``; every partial sum is at most ``T = sum_k |a_ik b_kj|``, so it is representable when
+    ``T G <= 2^53``. T and G are float64 matmuls, each within a factor (1 + block_k 2^-53) of the true
+    value: testing ``T G <= 2^52`` leaves a factor 2 for their rounding (any block_k < 2^50)."""
+    _, ea = torch.frexp(a_blk)  # |x| = f 2^e, f in [0.5, 1): floor(log2|x|) = e - 1
+    _, eb = torch.frexp(b_blk)
+    wa = torch.where(a_blk != 0, torch.ldexp(torch.ones_like(a_blk), -((ea - 1).clamp_min(in_fmt.emin)
+                                                                        - in_fmt.man_bits)), 0.0)
+    wb = torch.where(b_blk != 0, torch.ldexp(torch.ones_like(b_blk), -((eb - 1).clamp_min(in_fmt.emin)
+                                                                        - in_fmt.man_bits)), 0.0)
+    t = a_blk.abs() @ b_blk.abs()
+    return (t == 0) | (t * (wa @ wb) <= 2.0**52)
+
+
+def block_sums_exact(aq: torch.Tensor, bq: torch.Tensor, in_fmt: FloatFormat, block_k: int) -> bool:
+    """True when every k-block's float64 product sum is exact for these (rounded) operands
+    (:func:`exact_block_mask` on every block; products exact). Typical for bf16/fp16/fp8 operands of
+    moderate range; rarely true for fp32 operands (48-bit products leave 5 bits for exponent spread)."""
+    if not products_exact(in_fmt):
+        return False
+    if block_k == 1:
+        return True  # one product per block: exact by itself
+    k = aq.shape[-1]
+    return all(bool(exact_block_mask(aq[..., k0:k0 + block_k], bq[..., k0:k0 + block_k, :], in_fmt).all())
+               for k0 in range(0, k, block_k))

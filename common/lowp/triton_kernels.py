@@ -187,8 +187,9 @@ def emulated_mm_kernel(
     O_RSCALE: tl.constexpr, O_MODE: tl.constexpr, O_OVERFLOW: tl.constexpr, O_RMASK: tl.constexpr,
 ):
     """One (BM, BN) tile of one batch entry. Inputs are float64 already rounded to in_fmt; every k-block
-    of BK products is summed in float64 (exact for products of <= 26-bit significands unless the block
-    spans > ~29 binades), added to the accumulator with round-to-odd and rounded to the acc format."""
+    of BK products is summed in float64 (the exact block sum only where ``spec.block_sums_exact`` holds:
+    ``emulated_matmul`` checks that and otherwise uses the torch reference), added to the accumulator with
+    round-to-odd and rounded to the acc format."""
     pid_b = tl.program_id(2)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -233,7 +234,9 @@ def emulated_matmul_triton(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat
                            out_fmt: FloatFormat, block_k: int = 1, mode: str = "rne",
                            generator: torch.Generator | None = None, tile: int = 16,
                            chunk: int = 16) -> torch.Tensor:
-    """Triton version of :func:`common.lowp.reference.emulated_matmul_torch` (float64 containers)."""
+    """Triton version of :func:`common.lowp.reference.emulated_matmul_torch` (float64 containers): the same
+    results when every block's float64 sum is exact (``spec.block_sums_exact``; typical for bf16/fp16/fp8
+    operands), else each block sum is rounded once in float64 (2^-53 relative to sum |products|)."""
     check_matmul_args(a, b, block_k)
     _check_device(a)
     aq = quantize_triton(a.to(torch.float64), in_fmt)
@@ -256,7 +259,7 @@ def emulated_matmul_triton(a: torch.Tensor, b: torch.Tensor, in_fmt: FloatFormat
         a3.stride(0) if a3.shape[0] > 1 else 0, a3.stride(1), a3.stride(2),
         b3.stride(0) if b3.shape[0] > 1 else 0, b3.stride(1), b3.stride(2),
         c.stride(0), c.stride(1), c.stride(2),
-        BM=tile, BN=tile, BK=block_k, BKP=bkp, ROUND_TO_ODD=acc_fmt.man_bits <= 51,
+        BM=tile, BN=tile, BK=block_k, BKP=bkp, ROUND_TO_ODD=acc_fmt.man_bits <= 50,
         **prefixed_constants("A", round_constants(acc_fmt, torch.float64, mode)),
         **prefixed_constants("O", round_constants(out_fmt, torch.float64, "rne")),
     )

@@ -6,7 +6,8 @@ the merged, time-sorted supervisor + trainer events:
 - ``useful``: step intervals whose step survives in the final lineage (each of steps 1..N exactly
   once). Each contributes ``t_step_opt`` to T_opt; the rest of its duration goes to ``slow_deficit``
   (steps inside a fail-slow window), to ``repair`` (the first step after a restart: warm-up is part of
-  R, as in shared/research/tor.md §4.4) or to ``jitter`` (healthy steps, +/- around the median);
+  R, as in §4.4 of the project's TOR research note) or to ``jitter`` (healthy steps, +/- around
+  ``t_step_opt``);
 - ``save``: checkpoint_begin -> checkpoint_end (blocking saves);
 - ``lost``: steps later rolled back (beyond the checkpoint the next attempt resumed from), and the
   partial step cut by the kill;
@@ -22,8 +23,14 @@ construction; the *accounting identity* the issue asks for, T_obs = T_opt + save
 slow_deficit (with the one-off startup counted with repair), closes up to jitter + other, which
 ``analyze`` reports as ``identity_residual`` and ``check_identity`` bounds.
 
-``t_step_opt`` (the optimal step time, 1/W_opt) is the median duration of healthy, non-first steps of
-the final lineage, or a value measured by a clean calibration run.
+``t_step_opt`` (the optimal step time, 1/W_opt) is the MEAN duration of the healthy, non-first steps of
+the final lineage (or a value measured by a clean calibration run). The mean, not the median: a failure-
+free run on the same machine takes n × the mean step, and on a loaded machine step times are skewed to the
+right (pre-empted steps), so the median would book ordinary step-time variance as overhead ("jitter") and
+the identity would miss by Σ(step − median). With the mean the healthy steps' jitter is zero by
+construction; their variance is reported instead (``t_step_std``, and ``T_opt_se`` = n·std/√n_healthy, the
+standard error of T_opt), next to the median reading (``t_step_median``, ``tor_median_step``,
+``jitter_median``: what the median would have booked as jitter).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ STAGES = ("useful", "save", "lost", "repair", "startup", "slow_deficit", "jitter
 @dataclass
 class HarnessAnalysis:
     n_steps: int
-    t_step_opt: float
+    t_step_opt: float                   # mean healthy step (or the calibration value passed in)
     T_opt: float
     T_obs: float
     tor: float
@@ -59,6 +66,12 @@ class HarnessAnalysis:
     startup: float
     final_loss: float
     weights_sha256: str
+    t_step_median: float = 0.0          # median healthy step (the former estimator, reported alongside)
+    t_step_std: float = 0.0             # sample std of the healthy steps (step-time variance, counted)
+    n_healthy_steps: int = 0
+    T_opt_se: float = 0.0               # standard error of T_opt = n·t_step_std/√n_healthy
+    tor_median_step: float = 0.0        # TOR if T_opt were n × the median step
+    jitter_median: float = 0.0          # Σ(healthy step − median): the jitter the median reading books
     r_segments: list[tuple[float, float, float]] = field(default_factory=list)  # (t0, t1, r) job clock
 
     def to_dict(self) -> dict:
@@ -154,7 +167,13 @@ def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnal
     if steps_done != list(range(1, n + 1)):
         raise ValueError(f"{run_dir}: final lineage does not cover steps 1..{n} exactly once")
     healthy = [t1 - t0 for t0, t1, e, first in useful if not first and not e.get("slow")]
-    t_opt = t_step_opt if t_step_opt is not None else statistics.median(healthy)
+    if not healthy and t_step_opt is None:
+        raise ValueError(f"{run_dir}: no healthy step (every surviving step is a first step or slow): "
+                         "pass t_step_opt from a calibration run")
+    median = statistics.median(healthy) if healthy else t_step_opt
+    std = statistics.stdev(healthy) if len(healthy) > 1 else 0.0
+    # the mean: healthy steps then book no jitter, the variance is reported (see the module docstring)
+    t_opt = t_step_opt if t_step_opt is not None else statistics.fmean(healthy)
     booked["lost"] += sum(t1 - t0 for t0, t1 in lost)
     slow_time, segments = 0.0, []
     for t0, t1, e, first in useful:
@@ -201,6 +220,9 @@ def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnal
         slow_duration=slow_time / len(slow_hit) if slow_hit else 0.0,
         startup=stages["startup"], final_loss=float(end["loss"]), weights_sha256=end["weights_sha256"],
         r_segments=[(t0 - job_start, t1 - job_start, r) for t0, t1, r in segments],
+        t_step_median=median, t_step_std=std, n_healthy_steps=len(healthy),
+        T_opt_se=n * std / len(healthy) ** 0.5 if healthy else 0.0,
+        tor_median_step=n * median / T_obs, jitter_median=sum(d - median for d in healthy),
     )
 
 

@@ -35,11 +35,14 @@ class RowLogger(Protocol):
 
 def _log_analysis(run: RowLogger, table: str, a: HarnessAnalysis, params: dict) -> None:
     run.log(table=table, method="observed", metric="tor", value=a.tor, params=params)
+    # the same run read with the median step as T_opt/n (the former estimator): both are reported
+    run.log(table=table, method="observed_median_step", metric="tor", value=a.tor_median_step, params=params)
     for stage, seconds in a.stages.items():
         run.log(table=table, method="observed", metric="stage_seconds", value=seconds,
                 params={**params, "stage": stage})
     for name in ("delta", "tau", "repair", "mtbf_uptime", "mtbf_wall", "rho", "slow_duration", "startup",
-                 "t_step_opt", "T_opt", "T_obs", "identity_residual"):
+                 "t_step_opt", "t_step_median", "t_step_std", "n_healthy_steps", "T_opt", "T_opt_se", "T_obs",
+                 "identity_residual", "jitter_median"):
         run.log(table=table, method="estimate", metric=name, value=getattr(a, name), params=params)
 
 
@@ -66,6 +69,18 @@ def replayed_tor(a: HarnessAnalysis, info: dict) -> float:
                                    fail_slow=info["fail_slow"])
 
 
+def _timeline_events(run_dir: Path, info: dict, t_obs: float) -> list[tuple[float, str, float]]:
+    """(job time, kind, duration) of the validation job's faults, checkpoint saves and fail-slow windows."""
+    from exp_tor.harness.analyze import load_events
+
+    events = load_events(run_dir)
+    start = events[0]["time"]
+    out = [(float(f["time"]), "fault", 0.0) for f in info["fail_stop"]]
+    out += [(e["time"] - start, "checkpoint", 0.0) for e in events if e["event"] == "checkpoint_begin"]
+    out += [(float(w["start"]), "slow", float(w["duration"])) for w in info["fail_slow"] if w["start"] < t_obs]
+    return sorted(out)
+
+
 def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | Path) -> dict:
     """Run the validation job and the interval sweep under ``work_dir``; log their rows; return a summary."""
     work = Path(work_dir)
@@ -84,6 +99,9 @@ def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | P
     run.log(table="harness_validation", method="simulator_replay", metric="tor", value=rep, params=params)
     for t, r in r_timeline(a, 200):
         run.log(table="harness_rt", method="observed", metric="r", value=r, params={"t": round(t, 4)})
+    for t, kind, dur in _timeline_events(vdir, info, a.T_obs):   # marks for the r(t) figure
+        run.log(table="harness_events", method="injected" if kind != "checkpoint" else "observed",
+                metric="duration_s", value=dur, params={"event": kind, "t": round(t, 4), "job": "validation"})
     out["validation"] = {"observed": a.tor, "closed_form": pred, "replay": rep, **a.to_dict()}
 
     grid = [(seed, every) for seed in cfg.sweep_fault_seeds for every in cfg.sweep_intervals]
@@ -111,15 +129,39 @@ def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | P
     return out
 
 
+def paired_to_best(observed: np.ndarray, intervals: list[int], level: float = 0.95) -> dict:
+    """Paired-over-seeds comparison of every grid interval with the best one (highest seed-mean TOR).
+
+    ``observed`` is [seed, interval]. For each interval g: TOR(best) − TOR(g) per seed, its mean, standard
+    error and t-interval (``common.stats.mean_ci``); g is *resolved* (worse than the best) when the whole
+    interval lies above 0. The ``optimal_set`` is the best and every interval not resolved from it: the grid
+    points the data cannot tell apart from the optimum. With one seed there is no interval and nothing is
+    resolved (the set is the whole grid)."""
+    from common.stats import mean_ci
+
+    means = observed.mean(axis=0)
+    best = intervals[int(np.argmax(means))]
+    b = intervals.index(best)
+    out = {}
+    for i, g in enumerate(intervals):
+        ci = mean_ci((observed[:, b] - observed[:, i]).tolist(), level)
+        resolved = g != best and observed.shape[0] > 1 and ci["low"] > 0
+        out[g] = {**ci, "resolved": bool(resolved)}
+    return {"best": best, "diffs": out, "optimal_set": [g for g in intervals if not out[g]["resolved"]]}
+
+
 def _log_sweep_optimum(run: RowLogger, cfg: HarnessStageConfig, sweep: list[HarnessAnalysis]) -> dict:
     """The sweep's predicted TOR curve and optimum vs the empirical ones.
 
     Prediction: delta, R (detection + repair + restart), start-up and step time pooled over the sweep's
     runs, the injected (uptime) MTBF, the exact fail-stop TOR (``predicted_pooled`` rows, one per grid
-    interval) and its numeric argmax over whole steps. Empirical: the observed TOR per interval averaged
-    over fault seeds; its peak on the grid. Because TOR is flat near its optimum, the comparison that
-    matters is ``shortfall``: how much observed TOR the grid point nearest the prediction (in log-steps)
-    gives up against the empirical best, paired over fault seeds (mean and standard error)."""
+    interval) and its numeric argmax over whole steps. Empirical: the observed TOR per interval, paired over
+    fault seeds: every interval's difference to the best (seed-mean) interval with its 95 % t-interval
+    (``harness_interval_paired`` rows), and the set of intervals not resolved from the best
+    (``empirical_optimal_set``): no single grid point is called the empirical optimum unless that set has
+    one member. Because TOR is flat near its optimum, the comparison that matters is the ``tor_shortfall`` of
+    the grid point nearest the prediction (in log-steps) against the best, with its interval, and whether that
+    point lies in the optimal set."""
     from exp_tor import tor
 
     intervals, n_seeds = list(cfg.sweep_intervals), len(cfg.sweep_fault_seeds)
@@ -140,20 +182,48 @@ def _log_sweep_optimum(run: RowLogger, cfg: HarnessStageConfig, sweep: list[Harn
                 params={"checkpoint_every": every, "mtbf_s": cfg.sweep_mtbf_s, "restart": cfg.sweep_restart})
     observed = np.array([[sweep[k * len(intervals) + i].tor for i in range(len(intervals))] for k in range(n_seeds)])
     by_interval = dict(zip(intervals, observed.mean(axis=0).tolist()))
-    best = max(by_interval, key=by_interval.get)
+    paired = paired_to_best(observed, intervals)
+    best, optimal_set = paired["best"], paired["optimal_set"]
+    for g, d in paired["diffs"].items():
+        pp = {"checkpoint_every": g, "best_steps": best, "mtbf_s": cfg.sweep_mtbf_s, "n_fault_seeds": n_seeds}
+        se = d["se"] if n_seeds > 1 and g != best else None
+        run.log(table="harness_interval_paired", method="paired_over_seeds", metric="tor_diff_to_best",
+                value=d["mean"], stderr=se, n=n_seeds, params=pp)
+        if se is not None:
+            run.log(table="harness_interval_paired", method="paired_over_seeds", metric="ci95_low", value=d["low"],
+                    n=n_seeds, params=pp)
+            run.log(table="harness_interval_paired", method="paired_over_seeds", metric="ci95_high",
+                    value=d["high"], n=n_seeds, params=pp)
+        run.log(table="harness_interval_paired", method="paired_over_seeds", metric="resolved",
+                value=int(d["resolved"]), n=n_seeds, params=pp)
     nearest = min(intervals, key=lambda e: abs(np.log(e) - np.log(pred_steps)))
-    gap = observed[:, intervals.index(best)] - observed[:, intervals.index(nearest)]
-    gap_se = float(gap.std(ddof=1) / np.sqrt(n_seeds)) if n_seeds > 1 else None
+    short = paired["diffs"][nearest]
     opt = "harness_interval_optimum"
     run.log(table=opt, method="predicted_numeric_exact", metric="interval_steps", value=pred_steps, params=p)
     run.log(table=opt, method="predicted_grid_best", metric="interval_steps",
             value=max(predicted, key=predicted.get), params=p)
-    run.log(table=opt, method="empirical_peak", metric="interval_steps", value=best, params=p)
-    run.log(table=opt, method="nearest_to_predicted", metric="tor_shortfall", value=float(gap.mean()),
-            stderr=gap_se, n=n_seeds, params={**p, "nearest_steps": nearest, "empirical_peak_steps": best})
+    run.log(table=opt, method="empirical_best_mean", metric="interval_steps", value=best,
+            params={**p, "resolved": len(optimal_set) == 1})
+    for g in optimal_set:
+        run.log(table=opt, method="empirical_optimal_set", metric="interval_steps", value=g, params=p)
+    sp = {**p, "nearest_steps": nearest, "empirical_best_mean_steps": best}
+    short_se = short["se"] if n_seeds > 1 and nearest != best else None   # 0 by construction when nearest is best
+    run.log(table=opt, method="nearest_to_predicted", metric="tor_shortfall", value=float(short["mean"]),
+            stderr=short_se, n=n_seeds, params=sp)
+    if short_se is not None:
+        for k in ("low", "high"):
+            run.log(table=opt, method="nearest_to_predicted", metric=f"tor_shortfall_ci95_{k}", value=short[k],
+                    n=n_seeds, params=sp)
+    run.log(table=opt, method="nearest_to_predicted", metric="in_optimal_set", value=int(nearest in optimal_set),
+            n=n_seeds, params=sp)
     for method, steps in (("young", tor.young_interval(delta, cfg.sweep_mtbf_s) / t_step),
                           ("daly", tor.daly_interval(delta, cfg.sweep_mtbf_s) / t_step)):
         run.log(table=opt, method=method, metric="interval_steps", value=float(steps), params=p)
-    return {"optimum": {"predicted_steps": pred_steps, "empirical_peak_steps": best, "nearest_grid": nearest,
-                        "tor_shortfall": float(gap.mean()), "tor_shortfall_se": gap_se,
+    return {"optimum": {"predicted_steps": pred_steps, "empirical_best_mean_steps": best,
+                        "empirical_optimal_set": optimal_set, "nearest_grid": nearest,
+                        "nearest_in_optimal_set": nearest in optimal_set,
+                        "tor_shortfall": float(short["mean"]), "tor_shortfall_se": short_se,
+                        "tor_shortfall_ci95": [short["low"], short["high"]] if short_se is not None else None,
+                        "paired_to_best": {g: {k: d[k] for k in ("mean", "se", "low", "high", "resolved")}
+                                           for g, d in paired["diffs"].items()},
                         "tor_by_interval": by_interval, "predicted_by_interval": predicted}}

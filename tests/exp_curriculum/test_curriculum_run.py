@@ -30,7 +30,8 @@ CONFIGS = RUN.parent / "configs"
 STAGES = ["metrics", "dedup", "model_scores", "diversity", "summary"]
 # tiny and model-free: the runs below stay fast
 SMALL = ["num_proc=1", "threads=1", "semdedup.enabled=false", "model_scores.enabled=false",
-         "diversity.enabled=false", "corpus.doc_chars=600", "corpus.min_chars=100"]
+         "diversity.enabled=false", "corpus.doc_chars=600", "corpus.min_chars=100",
+         "stages=[metrics,dedup,model_scores,diversity,summary]"]   # part 2's study: tests/exp_curriculum/test_study_*
 
 
 @pytest.fixture()
@@ -151,7 +152,7 @@ def test_hash_keys_exclude_resources():
     from exp_curriculum.run import STAGES as stage_list
 
     p = Pipeline("exp_curriculum", stage_list)
-    assert p.names == STAGES
+    assert p.names[: len(STAGES)] == STAGES and all(n.startswith("study_") for n in p.names[len(STAGES):])
     base = to_dict(Config())
     resources = to_dict(Config(num_proc=7, threads=3, stages=["summary"], outputs_dir="/elsewhere"))
     assert all(p.key(s, base) == p.key(s, resources) for s in STAGES)

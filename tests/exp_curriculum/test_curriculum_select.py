@@ -66,11 +66,10 @@ def test_compiled_minhash_matches_numpy(texts_with_dups):
 @needs_data
 def test_fast_hashing_agrees_with_datasketch_up_to_estimator_error(texts_with_dups):
     cfg = S.MinHashConfig(num_perm=256, threshold=0.8, ngram=5, hashing="fast")
-    keep, pairs = S.minhash_dedup(texts_with_dups, cfg)
-    found = {(i, j) for i, j, _ in pairs}
+    keep, labels = S.minhash_dedup(texts_with_dups, cfg)
     planted = {(i, 300 + i) for i in range(30)} | {(40, 330)}
     # true Jaccard of the planted pairs is >= ~0.9, far above the threshold: all must be found
-    assert planted <= found
+    assert all(labels[i] == labels[j] for i, j in planted)
     assert keep.sum() == len(texts_with_dups) - len({j for _, j in planted})
     sig = S.minhash_signatures(texts_with_dups, cfg)
     for i, j in list(planted)[:10]:
@@ -101,3 +100,33 @@ def test_semdedup_removes_paraphrases_keeps_distinct():
     assert keep[[0, 6]].sum() == 1 and keep[[2, 7]].sum() == 1
     d4 = S.d4_select(emb, n_clusters=3, eps=0.2, keep_fraction=0.5, seed=0)
     assert d4.sum() == 4 and not (d4 & ~keep).any()
+
+
+def test_lsh_clusters_linear_on_many_copies_and_equal_to_brute_force():
+    import time
+
+    import networkx as nx
+
+    text = "the quick brown fox jumps over the lazy dog near the quiet river bank today " * 3
+    for verify in S.VERIFY_MODES:   # HEAD: 2 M candidate pairs, ~45 s
+        t0 = time.perf_counter()
+        keep, labels = S.minhash_dedup([text] * 2000, S.MinHashConfig(), verify=verify, log=lambda *_: None)
+        assert time.perf_counter() - t0 < 5 and keep.sum() == 1 and (labels == 0).all()
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, bands, rows = int(rng.integers(2, 80)), int(rng.integers(1, 5)), int(rng.integers(1, 3))
+        sig = rng.integers(0, 3, (n, bands * rows)).astype(np.uint32)
+        thr = float(rng.uniform(0.2, 0.9))
+        same = (lambda i, j, sig=sig, thr=thr: S.estimated_jaccard(sig, i, j) >= thr) if trial % 2 else None
+        g = nx.Graph()
+        g.add_nodes_from(range(n))
+        for i in range(n):       # brute force over every pair and band
+            for j in range(i + 1, n):
+                if any((sig[i, k * rows:(k + 1) * rows] == sig[j, k * rows:(k + 1) * rows]).all()
+                       for k in range(bands)) and (same is None or same(i, j)):
+                    g.add_edge(i, j)
+        oracle = np.empty(n, dtype=np.int64)
+        for comp in nx.connected_components(g):
+            oracle[list(comp)] = min(comp)
+        groups = S._row_groups(sig) if same is not None else None
+        assert np.array_equal(S.lsh_clusters(sig, bands, rows, same=same, groups=groups), oracle)

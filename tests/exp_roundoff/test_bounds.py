@@ -137,3 +137,56 @@ def test_block_terms_norm_conditioning():
     add_massive_outlier(gpt, 10.0, dims=tuple(range(32)))
     shifted = block_terms(Tracer(gpt, Policy.uniform("bf16"), capture=True).run(ids))[0]["norm1_kappa_mean"]
     assert base < 2 and shifted > 100
+
+
+def test_left_padding_bounds_equal_the_unpadded_run(tiny, arch):
+    """Left padding: the captured softmax of a fully masked query row is NaN (all logits -inf); the bound and
+    the estimate must ignore masked positions, so every value is finite and each real token's bound is the
+    one of the same sequence traced without padding (float64 references agree to rounding of the reference
+    kernels). Left padding shifts the real tokens' positions by n_pad: GPT-2 takes positions from the token
+    index, not the mask, so its position embeddings are zeroed; Llama's rotary tables are computed in float32
+    (HF), so the shifted rotation agrees only to ~1e-7 relative in q and k, hence its looser tolerance."""
+    model, ids = tiny
+    if arch == "gpt2":
+        with torch.no_grad():
+            model.transformer.wpe.weight.zero_()
+    n_pad = 3
+    mask = torch.ones_like(ids)
+    mask[1, :n_pad] = 0
+    pol = Policy.uniform("bf16")
+    padded = Tracer(model, pol, capture=True, keep_token_values=True).run(ids, mask)
+    alone = Tracer(model, pol, capture=True, keep_token_values=True).run(ids[1:, n_pad:])
+    T = ids.shape[1]
+    real = slice(T + n_pad, 2 * T)  # tokens of sequence 1 after its padding, in the tracer's (B*T) order
+    rtol = 1e-6 if arch == "llama" else 1e-9
+    for walk in (forward_error_bound, forward_error_estimate):
+        got, ref = walk(padded, pol), walk(alone, pol)
+        for layer in range(2):
+            assert torch.isfinite(got["block_rel"][layer]).all(), (walk.__name__, layer)
+            torch.testing.assert_close(got["block_rel"][layer][real], ref["block_rel"][layer], rtol=rtol, atol=0)
+        assert torch.isfinite(got["logits_rel"]).all()
+        torch.testing.assert_close(got["logits_rel"][real], ref["logits_rel"], rtol=rtol, atol=0)
+
+
+def test_omega_kq_is_the_authors_d_model_sum():
+    """omega_kq as in the authors' code: per head, W_h as (d_head, d_model), |W_h| summed over d_model, the
+    l2 norm over d_head, 2/sqrt(d_head) * max over heads of ||.||(K) ||.||(Q); a plain-loop oracle on a
+    hand-built GPT-2 c_attn (Conv1D weight (d_model, 3 d_model)). The head-dimension sum is omega_kq_headsum."""
+    d, heads = 4, 2
+    dh = d // heads
+    model = build_model("gpt2", vocab_size=16, d_model=d, n_layers=1, n_heads=heads, seq_len=8, seed=0)
+    w = torch.arange(1, d * 3 * d + 1, dtype=torch.float64).reshape(d, 3 * d) * (-1) ** torch.arange(3 * d)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.copy_(w)
+
+    def loop(q_or_k: int, h: int, over_dmodel: bool) -> float:
+        cols = range(q_or_k * d + h * dh, q_or_k * d + (h + 1) * dh)
+        if over_dmodel:  # one sum per head column, over the d_model rows
+            sums = [sum(abs(float(w[i, j])) for i in range(d)) for j in cols]
+        else:
+            sums = [sum(abs(float(w[i, j])) for j in cols) for i in range(d)]
+        return sum(x * x for x in sums) ** 0.5
+
+    for name, over in (("omega_kq", True), ("omega_kq_headsum", False)):
+        expected = 2 / dh**0.5 * max(loop(1, h, over) * loop(0, h, over) for h in range(heads))
+        assert weight_functionals(model, n_heads=heads)[0][name] == pytest.approx(expected, rel=1e-12), name

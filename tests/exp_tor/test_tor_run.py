@@ -192,18 +192,21 @@ def test_harness_stage_via_run():
     n_faults = v[(v["method"] == "estimate") & (v["metric"] == "mtbf_uptime")]["value"]
     assert len(n_faults) == 1
     opt = df[df["table"] == "harness_interval_optimum"]
-    assert {"predicted_numeric_exact", "predicted_grid_best", "empirical_peak", "young", "daly"} <= set(opt["method"])
+    assert {"predicted_numeric_exact", "predicted_grid_best", "empirical_best_mean", "empirical_optimal_set",
+            "young", "daly"} <= set(opt["method"])
     gap = opt[opt["metric"] == "tor_shortfall"]
     assert len(gap) == 1 and gap["value"].iloc[0] >= 0 and gap["n"].iloc[0] == 2
+    if gap["p.nearest_steps"].iloc[0] == gap["p.empirical_best_mean_steps"].iloc[0]:
+        assert gap["stderr"].isna().all()   # 0 by construction: no standard error of 0
     sweep = df[df["table"] == "harness_interval_sweep"]
     assert set(sweep["p.checkpoint_every"].dropna()) == {10, 40}
     observed = sweep[(sweep["method"] == "observed") & (sweep["metric"] == "tor")]
     assert len(observed) == 4 and set(observed["p.restart"]) == {"warm"}
     assert len(sweep[sweep["method"] == "predicted_pooled"]) == 2
-    # the optimum rows are what the sweep rows say: empirical peak = argmax of the seed-mean observed TOR,
+    # the optimum rows are what the sweep rows say: best mean = argmax of the seed-mean observed TOR,
     # shortfall = its mean TOR minus that of the grid point nearest the prediction (paired over seeds)
     mean_tor = observed.groupby("p.checkpoint_every")["value"].mean()
-    assert opt[opt["method"] == "empirical_peak"]["value"].iloc[0] == mean_tor.idxmax()
+    assert opt[opt["method"] == "empirical_best_mean"]["value"].iloc[0] == mean_tor.idxmax()
     nearest = int(gap["p.nearest_steps"].iloc[0])
     assert gap["value"].iloc[0] == pytest.approx(mean_tor.max() - mean_tor[nearest])
     pooled = sweep[sweep["method"] == "predicted_pooled"].set_index("p.checkpoint_every")["value"]
@@ -216,7 +219,7 @@ def test_harness_stage_via_run():
     assert (folder / "jobs" / "validation" / "supervisor_events.jsonl").is_file()
     summary = json.loads((folder / "harness.json").read_text())
     assert summary["validation"]["observed"] == pytest.approx(tor["observed"])
-    assert summary["optimum"]["empirical_peak_steps"] == mean_tor.idxmax()
+    assert summary["optimum"]["empirical_best_mean_steps"] == mean_tor.idxmax()
     import exp_tor.figures  # noqa: F401
     from common.plotting import FIGURES
     for key in ("exp_tor/harness_rt", "exp_tor/harness_interval_sweep"):

@@ -59,6 +59,11 @@ def test_triton_emulated_matmul_equals_torch(in_fmt, acc_fmt, out_fmt, block_k, 
     g = torch.Generator().manual_seed(block_k)
     a = torch.randn(2, 17, 40, generator=g, dtype=torch.float64)
     b = torch.randn(2, 40, 9, generator=g, dtype=torch.float64)
+    from common.lowp import get_format
+    from common.lowp.spec import block_sums_exact
+
+    # the kernel itself runs (emulated_matmul falls back to torch where its float64 block sums could round)
+    assert block_sums_exact(quantize(a, in_fmt), quantize(b, in_fmt), get_format(in_fmt), block_k)
     with np.errstate(all="ignore"):
         for bb in (b, b[0]):  # batched and broadcast 2-D right operand
             want = emulated_matmul(a, bb, in_fmt, acc_fmt, out_fmt, block_k=block_k, mode=mode, backend="torch")
@@ -99,3 +104,19 @@ def test_native_kernel_logic_in_interpreter():
     bt = b.t().contiguous().t()  # column-major right operand
     c2 = native_matmul(a, bt, out_dtype=torch.float32, autotune=False, block=(16, 32, 32))
     assert torch.allclose(c2.double(), native_matmul_reference(a, b, out_dtype=torch.float64), rtol=1e-5, atol=1e-4)
+
+
+def test_triton_block_sum_exactness_condition():
+    """The kernel's float64 block sum is exact only under ``block_sums_exact``: on the reviewer's fp32 block
+    (a tie broken by a residue 2^-60 below) the kernel alone gives 1.0, while ``emulated_matmul`` sees the
+    condition fail and returns the exact model's 1 + 2^-23 (the torch reference)."""
+    from common.lowp import get_format
+    from common.lowp.spec import block_sums_exact
+    from common.lowp.triton_kernels import emulated_matmul_triton
+
+    fp32 = get_format("fp32")
+    a = torch.tensor([[1, 2**-12, 2**-7 * (1 + 2**-23), 2**-7]], dtype=torch.float64)
+    b = torch.tensor([[1], [2**-12], [-(2**-7) * (1 - 2**-23)], [2**-7]], dtype=torch.float64)
+    assert not block_sums_exact(a, b, fp32, 4)
+    assert emulated_matmul_triton(a, b, fp32, fp32, fp32, block_k=4).item() == 1.0
+    assert emulated_matmul(a, b, "fp32", "fp32", "fp32", block_k=4, backend="triton").item() == 1 + 2**-23
