@@ -287,8 +287,9 @@ def table_harness_interval_optimum(rows):
 @register_table("tor_vs_ettr", EXP, "TOR vs Meta's ETTR (Kokolis et al.) on the same inputs, by failure rate",
                 sources="tor_vs_ettr",
                 note="ETTR ≈ (1 − N·r_f·(u0 + Δt/2)) / (1 + w/Δt) at the Daly interval Δt; u0 = R, w = δ. "
-                     "Rate scenarios: Meta RSC-1's 6.50 per 1000 node-days × multipliers, and the rate implied by "
-                     "Meta's measured 7.9 h MTTF at 1,024 GPUs. TOR 0 where the MTBF is below the repair time.")
+                     "Rate scenarios: Meta RSC-1's failure rate per node-day × multipliers, and the rate implied by "
+                     "Meta's measured MTTF at its cluster size (planning config). TOR 0 where the MTBF is below "
+                     "the repair time.")
 def table_tor_vs_ettr(rows):
     t = select(rows, "tor_vs_ettr", needs=("p.gpus", "p.rate_scenario"))
     if t.empty:
@@ -301,7 +302,7 @@ def table_tor_vs_ettr(rows):
 
 
 @register_table("harness_interval_paired", EXP, "Real runs: each interval's TOR difference to the best, paired "
-                "over fault seeds (95 % t-interval)", sources="harness_interval_paired",
+                "over fault seeds (t-interval)", sources="harness_interval_paired",
                 note="resolved = the interval lies above 0; the unresolved intervals form the empirical optimal set.")
 def table_harness_interval_paired(rows):
     t = select(rows, "harness_interval_paired", needs=("p.checkpoint_every",))
