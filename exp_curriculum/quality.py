@@ -26,13 +26,20 @@ ASKLLM_PROMPT = (
 )
 
 
-def yes_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the spellings of "yes" that are one token in this vocabulary."""
-    ids = {tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in ("yes", "Yes", " yes", " Yes")}
+def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """Ids of the spellings of `word` ("yes" / "no": lower, capitalised, with and without a leading space)
+    that are one token in this vocabulary."""
+    spellings = (word, word.capitalize(), " " + word, " " + word.capitalize())
+    ids = {tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in spellings}
     single = sorted({i[0] for i in ids if len(i) == 1})
     if not single:
-        raise ValueError("no spelling of 'yes' is a single token in this tokenizer; ASK-LLM needs one")
+        raise ValueError(f"no spelling of '{word}' is a single token in this tokenizer; ASK-LLM needs one")
     return single
+
+
+def yes_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the spellings of "yes" that are one token in this vocabulary."""
+    return answer_token_ids(tokenizer, "yes")
 
 
 def askllm_prompts(tokenizer: Any, texts: list[str], max_doc_tokens: int = 256) -> list[str]:
@@ -50,16 +57,16 @@ def askllm_prompts(tokenizer: Any, texts: list[str], max_doc_tokens: int = 256) 
     return out
 
 
-def askllm_scores(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 4,
-                  max_doc_tokens: int = 256) -> np.ndarray:
-    """P(yes) per document (float64 array in [0, 1])."""
+def askllm_probs(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 4,
+                 max_doc_tokens: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(P(yes), P(no)) per document at the answer position (float64 arrays in [0, 1])."""
     import torch
 
-    yes = yes_token_ids(tokenizer)
+    yes, no = yes_token_ids(tokenizer), answer_token_ids(tokenizer, "no")
     prompts = askllm_prompts(tokenizer, texts, max_doc_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    scores = []
+    p_yes, p_no = [], []
     for i in range(0, len(prompts), batch_size):
         enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
         width = max(len(e) for e in enc)
@@ -71,8 +78,27 @@ def askllm_scores(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
-        scores.append(torch.softmax(logits, -1)[:, yes].sum(-1).double().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
+        probs = torch.softmax(logits, -1).double()
+        p_yes.append(probs[:, yes].sum(-1).numpy())
+        p_no.append(probs[:, no].sum(-1).numpy())
+    if not p_yes:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(p_yes), np.concatenate(p_no)
+
+
+def askllm_scores(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 4,
+                  max_doc_tokens: int = 256) -> np.ndarray:
+    """P(yes) per document (float64 array in [0, 1]): the paper's score."""
+    return askllm_probs(model, tokenizer, texts, batch_size, max_doc_tokens)[0]
+
+
+def normalised_yes(p_yes: np.ndarray, p_no: np.ndarray) -> np.ndarray:
+    """P(yes) / (P(yes) + P(no)): the answer restricted to the two options. Under a small instruction model
+    most of the mass sits on neither word (SmolLM2: ~11 % on "yes"), and the raw P(yes) then also measures how
+    willing the model is to answer at all; the ratio removes that. 0.5 where both are 0."""
+    p_yes, p_no = np.asarray(p_yes, dtype=np.float64), np.asarray(p_no, dtype=np.float64)
+    total = p_yes + p_no
+    return np.divide(p_yes, total, out=np.full_like(total, 0.5), where=total > 0)
 
 
 def kernel_density(emb: np.ndarray, bandwidth: float = 0.5, chunk: int = 1024) -> np.ndarray:
