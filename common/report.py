@@ -129,18 +129,20 @@ DECK: list[DeckItem] = [
              "the paper profile"),
     DeckItem("d4", "figure", "D4 sampler (MinHash, SemDeDup, SSL prototypes): learning curves of OPT "
              "pretraining on D4-selected vs random data",
-             "the learning curves (training on D4-selected vs random data): exp_curriculum part two, issue #15"),
+             "the deck's scale (OPT pretraining): the study here trains small Llama models on CPU; its paper "
+             "profile is the GPU-sized version"),
     DeckItem("askllm", "figure", "ASK-LLM: P(yes | prompt) as the quality score; T5-Large trained on "
              "ASK-LLM-selected data",
-             "training on ASK-LLM-selected data: exp_curriculum part two, issue #15"),
+             "the deck's scorer and student (Flan-T5 scoring, T5-Large training): here SmolLM2 scores and a "
+             "small Llama trains"),
     DeckItem("density", "bullets", "Density sampling: down-sample prototypical (dense) regions, boost rare ones",
-             "selection at equal tokens vs random: exp_curriculum part two, issue #15"),
+             None),
     DeckItem("data_age", "table", "Pretraining data of published models: domains, filters, year "
              "(Longpre et al.)", "no experiment or issue plans it"),
     DeckItem("data_age_effect", "figure", "Impact of data age: misalignment hurts larger models more",
              "no experiment or issue plans it"),
     DeckItem("curriculum", "figure", "Curriculum learning: training on examples of increasing difficulty",
-             "the curriculum and mixture training study: exp_curriculum part two, issue #15"),
+             None),
     DeckItem("info_density", "formulas", "Information density: entropy (with compression), lexical "
              "diversity (TTR, vocd-D, HD-D, MTLD), readability (Flesch Reading Ease, Flesch-Kincaid Grade)"),
 ]

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 CKPT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 COMPLETE_MARKER = "COMPLETE.json"
+PROGRESS_FILE = "progress.json"   # step, data position, validation curve of a checkpoint
 SNAPSHOT_DIR = "snapshots"
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
@@ -136,7 +137,9 @@ class TrainResult:
 
 
 class _Progress:
-    """Step and data position; registered with accelerate so it is saved with every checkpoint."""
+    """Step and data position, saved as PROGRESS_FILE with every checkpoint (not as an accelerate custom
+    object: those accumulate on an accelerator shared by consecutive train() calls, and a checkpoint's count
+    of them must then match the resuming process's)."""
 
     def __init__(self) -> None:
         self.step = 0           # optimizer updates done
@@ -251,6 +254,7 @@ def _save_checkpoint(accelerator, out_dir: Path, progress: _Progress, keep: int,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
         marker = {"step": progress.step, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
                   "num_processes": accelerator.num_processes, "time": time.time()}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker))
@@ -609,9 +613,10 @@ def train(
                      torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay))
     if scheduler is None:
         scheduler = _make_scheduler(optimizer, cfg, accelerator.num_processes)
+    if not own_accelerator:  # a shared accelerator checkpoints what it prepared: only this call's objects
+        accelerator.free_memory()
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
     batches_per_epoch = len(loader)
     if batches_per_epoch < cfg.grad_accum:
         raise ValueError(f"dataset gives {batches_per_epoch} batches per epoch per process, fewer than "
@@ -622,11 +627,16 @@ def train(
     resumed_from = None
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
+        legacy = not (ckpt / PROGRESS_FILE).is_file()
+        if legacy:  # written before PROGRESS_FILE: the progress is accelerate's custom object 0
+            accelerator.register_for_checkpointing(progress)
         if frozen_in_ckpt:
             accelerator.load_state(str(ckpt))
         else:  # frozen weights come from the model passed in; every trainable one must be in the file
             _check_checkpoint_has_trainable(ckpt, model)
             accelerator.load_state(str(ckpt), strict=False)
+        if not legacy:
+            progress.load_state_dict(json.loads((ckpt / PROGRESS_FILE).read_text()))
         resumed_from = progress.step
         _emit(callbacks, "resume", step=progress.step, checkpoint=str(ckpt))
     if snapshots and accelerator.is_main_process:
@@ -744,6 +754,8 @@ def train(
         bar.close()
         if hook is not None:
             hook.remove()
+        if not own_accelerator:  # the next train() on this accelerator must not checkpoint this model
+            accelerator.free_memory()
         if own_accelerator and accelerator.log_with:
             # not accelerator.end_training(): it also destroys the process group, which the caller's
             # later collectives (a pipeline's next stage, a barrier) still need

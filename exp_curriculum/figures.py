@@ -184,3 +184,7 @@ def table_runtime(rows):
         return None
     return long(t, {"stage": "method", "corpus (MB)": "p.mb", "model-free metrics (s)": "p.metrics_seconds"},
                 value="seconds", n=True)
+
+
+# part 2 (the training study): its figures and tables register on import
+from exp_curriculum import figures_study  # noqa: E402,F401

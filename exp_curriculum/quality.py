@@ -58,16 +58,18 @@ def askllm_prompts(tokenizer: Any, texts: list[str], max_doc_tokens: int = 256) 
 
 
 def askllm_probs(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 4,
-                 max_doc_tokens: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                 max_doc_tokens: int = 256, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(P(yes), P(no)) per document at the answer position (float64 arrays in [0, 1])."""
     import torch
+    from tqdm.auto import tqdm
 
     yes, no = yes_token_ids(tokenizer), answer_token_ids(tokenizer, "no")
     prompts = askllm_prompts(tokenizer, texts, max_doc_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     p_yes, p_no = [], []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc="ASK-LLM", unit="batch", disable=not progress or len(starts) < 2):
         enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
         width = max(len(e) for e in enc)
         ids = torch.full((len(enc), width), pad, dtype=torch.long)

@@ -7,17 +7,22 @@ diversity coefficients, then a summary that logs the rows and writes the combine
 
 Outputs, one folder per stage and config hash (<outputs>/exp_curriculum/<stage>/<hash>/):
   metrics       metrics.parquet: id, text, source, genre, language, sizes and every model-free metric
-  dedup         dedup.parquet: minhash_keep; semdedup_keep, d4_keep, density, density_pick on the embedded
-                sample (NaN elsewhere); embeddings.npy + embedded_idx.npy (MiniLM); dedup.json (counts)
+  dedup         dedup.parquet: minhash_keep; density, density_pick on the embedded sample and semdedup_keep,
+                d4_semdedup_keep, d4_keep on its MinHash survivors (False for its MinHash-removed documents;
+                NaN outside the sample); embeddings.npy + embedded_idx.npy (MiniLM); dedup.json (counts)
+  decontam      decontam.parquet: documents sharing a 13-gram with ARC / MMLU per language x source x genre;
+                decontam_docs.parquet (per document); decontam.json
   model_scores  model_scores.parquet: askllm, lm_nll, lm_bits_per_byte on a seeded sample (NaN elsewhere)
   diversity     diversity.json: Task2Vec diversity coefficient per language x genre and per language
   summary       scores.parquet: every per-document column except the text (join it from metrics.parquet)
-Every parquet holds the rows of metrics.parquet in the same order, with its `id` column. A disabled part
+Every parquet but decontam.parquet (a summary) holds the rows of metrics.parquet in the same order,
+with its `id` column. A disabled part
 (`semdedup.enabled=false`, `model_scores.enabled=false`, `diversity.enabled=false`) writes a marker saying so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -27,10 +32,11 @@ from common import paths
 from common.stages import Stage, StageContext, StageInputError, run_experiment
 from exp_curriculum.config import Config
 from exp_curriculum.corpus import load_corpus
-from exp_curriculum.diversity import diversity_coefficient, make_batches
+from exp_curriculum.decontam_stage import stage_decontam
+from exp_curriculum.diversity import diversity_coefficient, make_batches, sample_documents
 from exp_curriculum.metrics import perplexity, score_dataset
 from exp_curriculum.quality import askllm_scores, density_sample, kernel_density
-from exp_curriculum.selection import d4_select, minhash_dedup, semdedup
+from exp_curriculum.selection import d4, minhash_dedup, semdedup
 from exp_curriculum.study_stages import STAGES as STUDY_STAGES
 
 EXP = "exp_curriculum"
@@ -85,8 +91,11 @@ def load_documents(cfg: Config):
 
 
 # ---------------------------------------------------------------------------------- computations
-def semantic_dedup(texts: list[str], cfg: Config) -> dict[str, np.ndarray]:
-    """SemDeDup, D4 and Density on MiniLM embeddings of a seeded sample of the documents."""
+def semantic_dedup(texts: list[str], cfg: Config, minhash_keep: np.ndarray | None = None,
+                   ) -> dict[str, np.ndarray | float]:
+    """Density on MiniLM embeddings of a seeded sample of the documents; SemDeDup and D4 on the sample's
+    MinHash survivors only (`minhash_keep`; None = all): D4 = MinHash -> SemDeDup (target ratio or fixed eps)
+    -> SSL prototypes. Sampled MinHash-removed documents get False in "semdedup" and "d4"."""
     import torch
 
     from common.models import encode_texts, load_encoder
@@ -102,9 +111,13 @@ def semantic_dedup(texts: list[str], cfg: Config) -> dict[str, np.ndarray]:
     dens = kernel_density(emb, cfg.density.bandwidth)
     picked = np.zeros(len(idx), dtype=bool)
     picked[density_sample(dens, max(1, int(cfg.density.sample_fraction * len(idx))), cfg.seed)] = True
-    return {"idx": idx, "emb": emb, "semdedup": semdedup(emb, s.n_clusters, s.eps, cfg.seed),
-            "d4": d4_select(emb, s.n_clusters, s.eps, s.d4_keep_fraction, cfg.seed),
-            "density": dens, "density_pick": picked}
+    mh = np.ones(len(idx), dtype=bool) if minhash_keep is None else np.asarray(minhash_keep, dtype=bool)[idx]
+    sem = np.zeros(len(idx), dtype=bool)
+    sem[mh] = semdedup(emb[mh], s.n_clusters, s.eps, cfg.seed)     # SemDeDup alone, at the fixed eps
+    d4_kw = {"dedup_remove": 1 - s.d4_dedup_keep} if s.d4_dedup == "ratio" else {"eps": s.eps}
+    res = d4(emb, s.n_clusters, s.d4_keep_fraction, cfg.seed, minhash_keep=mh, **d4_kw)
+    return {"idx": idx, "emb": emb, "minhash_keep": mh, "semdedup": sem, "d4_semdedup": res.semdedup_keep,
+            "d4": res.keep, "d4_eps": res.eps, "density": dens, "density_pick": picked}
 
 
 def model_scores(df: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -127,8 +140,15 @@ def model_scores(df: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, dict[str, n
                  "lm_bits_per_byte": np.array([p["lm_bits_per_byte"] for p in ppl])}
 
 
-def diversity_by_corpus(df: pd.DataFrame, cfg: Config) -> dict[str, dict[str, float]]:
-    """Diversity coefficient of each language x genre corpus and of all documents of each language."""
+# DiversityConfig keys that are task2vec_embedding's options
+TASK2VEC_KEYS = ("micro_batch", "finetune_epochs", "finetune_steps", "lr", "weight_decay", "adam_eps",
+                 "fisher_batches", "untie_head", "include_biases", "target_shift", "fisher_on_padding")
+
+
+def diversity_by_corpus(df: pd.DataFrame, cfg: Config) -> dict[str, dict]:
+    """Diversity coefficient of each language x genre corpus and of each language ("all"). Every group's
+    batches come from a seeded sample of `diversity.max_docs` of its documents, drawn over the whole group
+    (the "all" group: `diversity.all_sampling` over every genre of the language)."""
     import torch
 
     from common.models import load_causal_lm
@@ -136,18 +156,25 @@ def diversity_by_corpus(df: pd.DataFrame, cfg: Config) -> dict[str, dict[str, fl
     torch.set_num_threads(cfg.threads)
     d = cfg.diversity
     probe, tok = load_causal_lm(d.probe)
-    groups = {f"{lg}/{ge}": g for (lg, ge), g in df.groupby(["language", "genre"])}
-    groups.update({f"{lg}/all": g for lg, g in df.groupby("language")})
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    opts = {k: getattr(d, k) for k in TASK2VEC_KEYS}
+    groups = {f"{lg}/{ge}": (g, "uniform") for (lg, ge), g in df.groupby(["language", "genre"])}
+    groups.update({f"{lg}/all": (g, d.all_sampling) for lg, g in df.groupby("language")})
     out = {}
-    for name, g in sorted(groups.items()):
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in g["text"].tolist()[:2000]]
+    for name, (g, how) in sorted(groups.items()):
+        sub = g.iloc[sample_documents(g["genre"].to_numpy(), d.max_docs, cfg.seed, how)]
+        ids = tok(sub["text"].tolist(), add_special_tokens=False, truncation=True,
+                  max_length=d.seq_len)["input_ids"]
         try:
-            batches = make_batches(ids, d.n_batches, d.batch_size, d.seq_len, cfg.seed)
+            batches = make_batches(ids, d.n_batches, d.batch_size, d.seq_len, cfg.seed, pad_id,
+                                   d.fresh_seed_per_batch)
         except ValueError as exc:
             print(f"diversity: skipping {name}: {exc}")
             continue
-        out[name] = diversity_coefficient(probe, batches, finetune_epochs=d.finetune_epochs,
-                                          micro_batch=d.batch_size)
+        r = diversity_coefficient(probe, batches, seed=cfg.seed, fresh_seed_per_batch=d.fresh_seed_per_batch,
+                                  **opts)
+        out[name] = {**r, "n_docs": len(sub),
+                     "docs_per_genre": {k: int(v) for k, v in sub["genre"].value_counts().sort_index().items()}}
     return out
 
 
@@ -177,18 +204,21 @@ def stage_dedup(ctx: StageContext) -> None:
     removed = [{"method": "minhash", "removed": int((~keep_mh).sum()), "n": len(df),
                 "threshold": cfg.minhash.threshold}]
     if cfg.semdedup.enabled:
-        sem = semantic_dedup(texts, cfg)
-        idx = sem["idx"]
-        for name in ("semdedup", "d4"):
+        sem = semantic_dedup(texts, cfg, keep_mh)
+        idx, n_surv = sem["idx"], int(sem["minhash_keep"].sum())
+        for name in ("semdedup", "d4_semdedup", "d4"):
             out[f"{name}_keep"] = _full(len(df), idx, sem[name])
         for name in ("density", "density_pick"):
             out[name] = _full(len(df), idx, sem[name])
         np.save(ctx.path("embeddings.npy"), sem["emb"])
         np.save(ctx.path("embedded_idx.npy"), idx)
-        removed += [{"method": "semdedup", "removed": int((~sem["semdedup"]).sum()), "n": len(idx),
+        # SemDeDup and D4 counts are of the embedded MinHash survivors (the documents they saw)
+        removed += [{"method": "semdedup", "removed": n_surv - int(sem["semdedup"].sum()), "n": n_surv,
                      "threshold": cfg.semdedup.eps},
-                    {"method": "d4_removed", "removed": int((~sem["d4"]).sum()), "n": len(idx),
-                     "threshold": cfg.semdedup.eps}]
+                    {"method": "d4_semdedup", "removed": n_surv - int(sem["d4_semdedup"].sum()), "n": n_surv,
+                     "threshold": sem["d4_eps"]},
+                    {"method": "d4_removed", "removed": n_surv - int(sem["d4"].sum()), "n": n_surv,
+                     "threshold": sem["d4_eps"]}]
     out.to_parquet(ctx.path("dedup.parquet"))
     ctx.save_json("dedup.json", {"semdedup_enabled": cfg.semdedup.enabled, "removed": removed,
                                  "seconds": time.perf_counter() - t0})
@@ -216,16 +246,18 @@ def stage_model_scores(ctx: StageContext) -> None:
 def stage_diversity(ctx: StageContext) -> None:
     t0 = time.perf_counter()
     cfg, d = ctx.cfg, ctx.cfg.diversity
-    groups: dict[str, dict[str, float]] = {}
+    groups: dict[str, dict] = {}
     if d.enabled:
         df = read_parquet(ctx, "metrics", "metrics.parquet", columns=["text", "language", "genre"])
         groups = diversity_by_corpus(df, cfg)
         for name, r in groups.items():
-            print(f"diversity coefficient {name}: {r['div_coeff']:.4f} ± {r['ci95']:.4f}")
+            print(f"diversity coefficient {name}: {r['div_coeff']:.4f} (std {r['std']:.4f}, "
+                  f"95% CI ± {r['ci95']:.4f}, {int(r['n_pairs'])} pairs)")
     else:
         print("diversity: disabled (diversity.enabled=false)")
     ctx.save_json("diversity.json", {"enabled": d.enabled, "probe": d.probe, "batch_size": d.batch_size,
-                                     "seq_len": d.seq_len, "groups": groups, "seconds": time.perf_counter() - t0})
+                                     "seq_len": d.seq_len, "settings": dataclasses.asdict(d), "groups": groups,
+                                     "seconds": time.perf_counter() - t0})
 
 
 def stage_summary(ctx: StageContext) -> None:
@@ -274,7 +306,7 @@ def log_rows(ctx: StageContext, df: pd.DataFrame, removed: list[dict], div: dict
     for name, r in div["groups"].items():
         lang, corpus = name.split("/")
         ctx.log(table="curriculum_diversity", method="task2vec", metric="div_coeff", value=r["div_coeff"],
-                stderr=r["ci95"] / 1.96, n=int(r["n_pairs"]),
+                stderr=r["se"] if "se" in r else r["ci95"] / 1.96, n=int(r["n_pairs"]),
                 params={"language": lang, "corpus": corpus, "probe": div["probe"],
                         "batch_size": div["batch_size"], "seq_len": div["seq_len"]})
     summary = SUMMARY_METRICS + extra_cols
@@ -295,6 +327,8 @@ STAGES = [
           description="corpus -> per-document model-free metrics"),
     Stage("dedup", stage_dedup, config_keys=("seed", "minhash", "semdedup", "density"), inputs=("metrics",),
           description="MinHash-LSH; SemDeDup, D4 and Density on MiniLM embeddings"),
+    Stage("decontam", stage_decontam, config_keys=("decontam",), inputs=("metrics",),
+          description="documents sharing a 13-gram with ARC / MMLU, per language x source"),
     Stage("model_scores", stage_model_scores, config_keys=("seed", "model_scores"), inputs=("metrics",),
           description="ASK-LLM and LM perplexity on a seeded sample"),
     Stage("diversity", stage_diversity, config_keys=("seed", "diversity"), inputs=("metrics",),

@@ -449,23 +449,60 @@ def spherical_kmeans(x: np.ndarray, k: int, n_iter: int = 50, seed: int = 0) -> 
     return c, labels
 
 
-def semdedup(emb: np.ndarray, n_clusters: int, eps: float, seed: int = 0, keep_hard: bool = True,
-             ) -> np.ndarray:
-    """SemDeDup keep-mask (facebookresearch/SemDeDup rule): inside each cluster, sort by distance to the
-    centroid (farthest first with keep_hard), and remove item j when its max cosine similarity to any
-    earlier item exceeds 1 - eps. Larger eps removes more (the code's semantics, not the README's)."""
+def semdedup_max_similarity(emb: np.ndarray, n_clusters: int, seed: int = 0, keep_hard: bool = True,
+                            ) -> np.ndarray:
+    """M_j of SemDeDup (facebookresearch/SemDeDup): inside each spherical k-means cluster, sorted by distance
+    to the centroid (farthest first with keep_hard), the max cosine similarity of item j to any earlier item
+    of its cluster; -inf for the first item of a cluster (it is never removed)."""
     x = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    max_sim = np.full(len(x), -np.inf)
+    if len(x) == 0:          # e.g. a sample without MinHash survivors
+        return max_sim
     cent, labels = spherical_kmeans(x, n_clusters, seed=seed)
-    keep = np.ones(len(x), dtype=bool)
     for c in range(len(cent)):
         idx = np.flatnonzero(labels == c)
         if len(idx) < 2:
             continue
         dist = 1 - x[idx] @ cent[c]
         idx = idx[np.argsort(-dist if keep_hard else dist, kind="stable")]
-        sim = np.triu(x[idx] @ x[idx].T, k=1)          # sim[i, j] for i < j
-        keep[idx[sim.max(axis=0) > 1 - eps]] = False
-    return keep
+        sim = x[idx] @ x[idx].T
+        sim[np.tril_indices(len(idx))] = -np.inf        # keep sim[i, j] for i < j only
+        max_sim[idx] = sim.max(axis=0)
+    return max_sim
+
+
+def semdedup(emb: np.ndarray, n_clusters: int, eps: float, seed: int = 0, keep_hard: bool = True,
+             ) -> np.ndarray:
+    """SemDeDup keep-mask with a fixed eps (facebookresearch/SemDeDup rule): remove item j when its
+    `semdedup_max_similarity` exceeds 1 - eps. Larger eps removes more (the code's semantics, not the
+    README's)."""
+    return ~(semdedup_max_similarity(emb, n_clusters, seed, keep_hard) > 1 - eps)
+
+
+def eps_for_removal(max_sim: np.ndarray, remove_fraction: float) -> float:
+    """The eps at which the SemDeDup rule (remove when M_j > 1 - eps) removes round(remove_fraction * n)
+    items: 1 - the midpoint between the last removed and the first kept M_j in descending order, so the
+    fixed-eps rule at the returned eps gives the same mask. Ties at the boundary are all kept (the removed
+    count is then below the target); at most the items with a finite M_j (not first in their cluster) can
+    go. eps = 0 when nothing is to go; above 1 when every removable item goes."""
+    if not 0 <= remove_fraction <= 1:
+        raise ValueError(f"remove_fraction must be in [0, 1], got {remove_fraction}")
+    m = np.sort(max_sim[np.isfinite(max_sim)])[::-1]
+    k = min(int(round(remove_fraction * len(max_sim))), len(m))
+    if k == 0:
+        return 0.0
+    below = m[k] if k < len(m) else m[-1] - 1.0       # the first kept value (or one below every value)
+    return float(1 - (m[k - 1] + below) / 2)
+
+
+def semdedup_by_ratio(emb: np.ndarray, n_clusters: int, remove_fraction: float, seed: int = 0,
+                      keep_hard: bool = True) -> tuple[np.ndarray, float]:
+    """SemDeDup removing a target fraction of the items (D4's R_dedup = 1 - remove_fraction is the fraction
+    kept): (keep-mask, the eps chosen by `eps_for_removal`). `semdedup(emb, n_clusters, eps, seed)` at that
+    eps returns the same mask."""
+    max_sim = semdedup_max_similarity(emb, n_clusters, seed, keep_hard)
+    eps = eps_for_removal(max_sim, remove_fraction)
+    return ~(max_sim > 1 - eps), eps
 
 
 def prototype_scores(emb: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
@@ -475,13 +512,42 @@ def prototype_scores(emb: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndar
     return 1 - np.max(x @ cent.T, axis=1)
 
 
-def d4_select(emb: np.ndarray, n_clusters: int, eps: float, keep_fraction: float, seed: int = 0) -> np.ndarray:
-    """D4 = SemDeDup, then re-cluster the survivors and keep the `keep_fraction` (of the original size)
-    farthest from their prototypes. Returns the keep-mask over all rows."""
-    keep = semdedup(emb, n_clusters, eps, seed)
-    surv = np.flatnonzero(keep)
-    n_keep = min(len(surv), int(round(keep_fraction * len(emb))))
-    scores = prototype_scores(emb[surv], n_clusters, seed)
+@dataclass
+class D4Result:
+    keep: np.ndarray            # D4's selection over all rows
+    semdedup_keep: np.ndarray   # after MinHash and SemDeDup (before the prototype step), over all rows
+    eps: float                  # SemDeDup's eps (chosen for the target ratio, or the fixed one)
+
+
+def d4(emb: np.ndarray, n_clusters: int, keep_fraction: float, seed: int = 0, *,
+       minhash_keep: np.ndarray | None = None, dedup_remove: float | None = None, eps: float | None = None,
+       ) -> D4Result:
+    """D4 (Tirumala et al. 2023) composed as in the paper: MinHash survivors (`minhash_keep`; None = every
+    row) -> SemDeDup on those survivors only, removing the fraction `dedup_remove` of them (eps chosen for
+    it) or, with `eps` instead, at that fixed eps -> spherical k-means re-run on the SemDeDup survivors and
+    the `keep_fraction` (of the MinHash survivors) farthest from their centroid kept (SSL prototypes).
+    Rows removed by MinHash are never embedded into SemDeDup's clusters and are never kept."""
+    if (dedup_remove is None) == (eps is None):
+        raise ValueError("give exactly one of dedup_remove (target ratio) and eps (fixed threshold)")
+    mh = np.ones(len(emb), dtype=bool) if minhash_keep is None else np.asarray(minhash_keep, dtype=bool)
+    base = np.flatnonzero(mh)
+    sem = np.zeros(len(emb), dtype=bool)
+    if dedup_remove is not None:
+        keep_b, eps = semdedup_by_ratio(emb[base], n_clusters, dedup_remove, seed)
+    else:
+        keep_b = semdedup(emb[base], n_clusters, eps, seed)
+    sem[base] = keep_b
+    surv = np.flatnonzero(sem)
+    n_keep = min(len(surv), int(round(keep_fraction * len(base))))
     out = np.zeros(len(emb), dtype=bool)
-    out[surv[np.argsort(-scores, kind="stable")[:n_keep]]] = True
-    return out
+    if n_keep:
+        scores = prototype_scores(emb[surv], n_clusters, seed)
+        out[surv[np.argsort(-scores, kind="stable")[:n_keep]]] = True
+    return D4Result(out, sem, float(eps))
+
+
+def d4_select(emb: np.ndarray, n_clusters: int, eps: float, keep_fraction: float, seed: int = 0) -> np.ndarray:
+    """D4 without the MinHash step at a fixed eps: SemDeDup, then re-cluster the survivors and keep the
+    `keep_fraction` (of the original size) farthest from their prototypes. Returns the keep-mask over all
+    rows (`d4` is the composition with MinHash and a target dedup ratio)."""
+    return d4(emb, n_clusters, keep_fraction, seed, eps=eps).keep

@@ -208,15 +208,31 @@ def d4_rank(emb: np.ndarray, n_clusters: int, eps: float, seed: int) -> np.ndarr
 
 
 def stage_study_train(ctx: StageContext) -> None:
-    """Every run of the study; a run's result file appears when it finishes, its checkpoints before."""
-    from tqdm.auto import tqdm
+    """Every run of the study; a run's result file appears when it finishes, its checkpoints before.
+    Other processes may train runs of the same study at the same time into the shared run cache
+    (``exp_curriculum/study_worker.py``): a run claimed by a live worker is waited for, not trained twice."""
+    import torch
 
     from common.train import make_accelerator
 
     cfg, s = ctx.cfg, ctx.cfg.study
-    import torch
-
     torch.set_num_threads(cfg.threads)
+    folder = ctx.out_dir / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = run_cache(ctx)  # runs shared by every arm list: adding an arm or a seed trains only the new runs
+    accelerator = make_accelerator(st.train_config(s, "constant", 0, 1, ctx.out_dir), out_dir=ctx.out_dir)
+    train_jobs(ctx, cache, accelerator, folder)
+
+
+def train_jobs(ctx: StageContext, cache: Path, accelerator, folder: Path | None = None,
+               reverse: bool = False) -> None:
+    """Train the study's runs missing from ``cache`` (in job order, or from the end with ``reverse``) and
+    copy every result into ``folder``. In a single-process world a run is first claimed (an exclusive
+    ``<name>.claim`` file with the claimant's pid): runs claimed by another live process are skipped, then
+    waited for at the end (and trained here if their claimant died)."""
+    from tqdm.auto import tqdm
+
+    s = ctx.cfg.study
     data = _load_data(ctx)
     table, seqs = data["table"], data["sequences"]
     cands = scores = None
@@ -226,35 +242,81 @@ def stage_study_train(ctx: StageContext) -> None:
     elif any(a.kind == "select" for a in s.parsed_arms()):
         cands = arms_mod.selection_candidates(table, s.budget_sequences, s.en_fraction, s.select.factor)
         scores = pd.DataFrame({"row": cands})
-    todo = st.jobs(cfg.study)
-    folder = ctx.out_dir / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    cache = run_cache(ctx)  # runs shared by every arm list: adding an arm or a seed trains only the new runs
+    todo = st.jobs(s)[::-1] if reverse else st.jobs(s)
     arms = {a.spec: a for a in s.parsed_arms()}
     n_samples = s.steps() * s.train.global_batch
-    print(f"study_train: {len(todo)} runs, {st.describe_budget(s)}")
-    accelerator = make_accelerator(st.train_config(s, "constant", 0, 1, ctx.out_dir), out_dir=ctx.out_dir)
-    for k, job in enumerate(tqdm(todo, desc="study runs", disable=not ctx.is_main)):
-        done = cache / f"{job['name']}.json"
-        if done.exists():
-            if ctx.is_main:
-                st.save_job(folder, json.loads(done.read_text(encoding="utf-8")))
-            continue
+    claims = accelerator.num_processes == 1   # DDP ranks train every run together: no claims between them
+    print(f"study_train: {len(todo)} runs, {st.describe_budget(s)}, {accelerator.num_processes} process(es)")
+
+    def train_one(k: int, job: dict) -> None:
         arm = arms[job["arm"]]
         pool = arms_mod.arm_pool(table, arm, s.budget_sequences, s.en_fraction, job["seed"], cands, scores)
         order = arms_mod.arm_order(table, pool, arm, n_samples, job["seed"], s.train.global_batch)
         t0 = time.perf_counter()
         result = st.run_job(job, s, seqs, pool[order], data["val"], data["info"]["vocab_size"],
                             cache / "train" / job["name"], accelerator)
+        result["world_size"] = accelerator.num_processes
         result["pool_en_fraction"] = float((table["language"].to_numpy()[pool] == "en").mean())
         result["pool_difficulty"] = _pool_profile(table, pool[order], s.data.languages)
         if ctx.is_main:
             st.save_job(cache, result)
-            st.save_job(folder, result)
         ctx.barrier()
         print(f"[{k + 1}/{len(todo)}] {job['name']}: final val "
               f"{ {lg: round(result['curve'][-1][f'val_{lg}'], 4) for lg in s.data.languages} } "
-              f"in {time.perf_counter() - t0:.0f} s")
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    waiting = []
+    for k, job in enumerate(tqdm(todo, desc="study runs", disable=not ctx.is_main)):
+        if (cache / f"{job['name']}.json").exists():
+            continue
+        if claims and not claim_run(cache, job["name"]):
+            waiting.append((k, job))      # another live process trains it
+            continue
+        train_one(k, job)
+    while waiting:                        # runs of other workers: wait, or take over a dead worker's run
+        k, job = waiting.pop(0)
+        if (cache / f"{job['name']}.json").exists():
+            continue
+        if claim_run(cache, job["name"]):
+            train_one(k, job)
+        else:
+            waiting.append((k, job))
+            time.sleep(5)
+    if folder is not None and ctx.is_main:
+        for job in st.jobs(s):
+            st.save_job(folder, json.loads((cache / f"{job['name']}.json").read_text(encoding="utf-8")))
+
+
+def claim_run(cache: Path, name: str) -> bool:
+    """True when this process may train run ``name``: it created the claim, it holds it already, or the
+    claimant's process is gone (same machine: claims hold a pid and the host name)."""
+    import os
+    import socket
+
+    path = cache / "train" / f"{name}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            json.dump(me, f)
+        return True
+    except FileExistsError:
+        try:
+            owner = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False                  # being written right now
+        if owner == me:
+            return True
+        if owner.get("host") != me["host"]:
+            return False                  # another machine's worker: cannot tell whether it is alive
+        try:
+            os.kill(int(owner["pid"]), 0)
+            return False
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)  # its claimant died: claim it afresh
+            return claim_run(cache, name)
+        except PermissionError:
+            return False
 
 
 # what one run's training depends on (not the arm list, the seeds or the table's smoothing)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STAGES = ("depth", "meanmedian", "accum", "hyper", "sinks", "train", "guidelines")
+STAGES = ("depth", "estimate", "meanmedian", "accum", "hyper", "sinks", "train", "guidelines", "authors_sweep")
 
 
 @dataclass
@@ -20,6 +20,22 @@ class DepthConfig:
     real_model: str = "smollm2-135m-instruct"   # "none" skips the real model
     real_tokens: int = 64
     real_precisions: list[str] = field(default_factory=lambda: ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2"])
+
+
+@dataclass
+class EstimateConfig:
+    """The statistical estimate's accuracy (stage ``estimate``): estimate / measured error after the last block
+    across init std and depth, on random models whose seeds neither the depth stage nor the tests use."""
+
+    archs: list[str] = field(default_factory=lambda: ["gpt2", "llama", "opt"])
+    init_stds: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.3])
+    depths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    d_model: int = 64
+    n_heads: int = 4
+    n_inits: int = 2
+    batch: int = 2
+    seq_len: int = 32
 
 
 @dataclass
@@ -108,6 +124,57 @@ class TrainConfig:
 
 
 @dataclass
+class AuthorsSweepConfig:
+    """The authors' mantissa sweep (exp_roundoff/authors_sweep.py). Keys marked [reconstructed] are choices the
+    authors' code description leaves open (README, section "Authors' sweep", gives the reason for each)."""
+
+    model: str = "smollm2-135m-instruct"   # offline alias, folder or hub ID (paper: "gpt2"); "none" skips the stage
+    data_path: str = ""        # text file / folder of .txt (relative to LLM4ALL_DATA or absolute); "" = corpus
+    if_missing: str = "error"  # model or data_path not available: "error" (exit 2) or "skip" (a note, no rows)
+    max_chars: int = 400_000   # text read from the source before tokenising
+    n_seqs: int = 2
+    seq_len: int = 64          # the authors: 1024
+    n_layers: int = 2          # decoder blocks kept (0 = all); measured in every kept block
+    targets: list[str] = field(default_factory=lambda: ["all"])   # authors_sweep.TARGETS keys, or ["all"]
+    mantissa_bits: list[int] = field(default_factory=lambda: [7, 10, 14, 23])
+    modes: list[str] = field(default_factory=lambda: ["efficient", "strict"])
+    block_k: int = 32          # efficient mode's K block (the authors' "efficient" 32; strict = 1)
+    tf32_operands: bool = True     # [reconstructed] efficient mode: tl.dot on fp32 inputs uses TF32
+    tf32_rounding: str = "rz"      # [reconstructed] Triton's fp32 -> TF32 operand conversion truncates
+    strict_fma: bool = False       # [reconstructed] strict mode: acc + a*b as two fp32 roundings (no FMA)
+    references: list[str] = field(default_factory=lambda: ["fp64", "fp32"])  # fp64 = the authors'
+    quantiles: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.5, 0.95, 0.99])
+    # residual scaling sub-sweep: "forward" (x + s*branch, the authors') and/or "weights" (models.py)
+    resid_scales: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    resid_kinds: list[str] = field(default_factory=lambda: ["forward", "weights"])
+    resid_targets: list[str] = field(default_factory=lambda: ["o", "down"])
+    resid_mantissa_bits: int = 10
+    # the authors' weight reset (authors_sweep.reset_weights); off = the pretrained weights
+    reset_linear: bool = False       # block GEMM weights ~ N(0, 1/d_in)
+    reset_resid_proj: bool = False   # with reset_linear: residual projections' std x 1/sqrt(2 n_layer)
+    reset_biases: bool = False
+    reset_norms: bool = False        # norm weights 1, biases 0
+
+    def validate(self) -> None:
+        a = "authors"
+        checks = [
+            (set(self.modes) <= {"strict", "efficient"} and self.modes, f"{a}.modes: strict / efficient"),
+            (all(1 <= p <= 23 for p in [*self.mantissa_bits, self.resid_mantissa_bits]),
+             f"{a}.mantissa_bits: fraction bits in 1..23 (23 = fp32)"),
+            (self.tf32_rounding in ("rne", "rz"), f"{a}.tf32_rounding: rne or rz"),
+            (set(self.references) <= {"fp64", "fp32"} and self.references, f"{a}.references: fp64 / fp32"),
+            (set(self.resid_kinds) <= {"forward", "weights"}, f"{a}.resid_kinds: forward / weights"),
+            (all(0.0 < q < 1.0 for q in self.quantiles), f"{a}.quantiles: in (0, 1)"),
+            (self.if_missing in ("error", "skip"), f"{a}.if_missing: error or skip"),
+            (self.block_k >= 1 and self.seq_len >= 2 and self.n_seqs >= 1, f"{a}: block_k, seq_len, n_seqs >= 1"),
+            (self.reset_linear or not self.reset_resid_proj, f"{a}.reset_resid_proj needs reset_linear"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid config: {msg}")
+
+
+@dataclass
 class Config:
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -116,17 +183,27 @@ class Config:
     threads: int = 1
     device: str = "cpu"   # forward-error stages: "cpu", "cuda" or "auto" (cuda when available); training is CPU
     depth: DepthConfig = field(default_factory=DepthConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     meanmedian: MeanMedianConfig = field(default_factory=MeanMedianConfig)
     accum: AccumConfig = field(default_factory=AccumConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    authors: AuthorsSweepConfig = field(default_factory=AuthorsSweepConfig)
 
     def validate(self) -> None:
         for p in self.depth.precisions + self.depth.real_precisions + self.meanmedian.precisions + [
                 self.hyper.precision]:
             if p not in PRECISIONS:
                 raise ValueError(f"unknown precision '{p}'; known: {sorted(PRECISIONS)}")
+        for p in self.estimate.precisions:
+            if p not in PRECISIONS:
+                raise ValueError(f"estimate.precisions: unknown '{p}'; known: {sorted(PRECISIONS)}")
+        for a in self.estimate.archs:
+            if a not in ("gpt2", "llama", "opt"):
+                raise ValueError(f"estimate.archs: '{a}' not supported (gpt2, llama, opt)")
+        if not self.estimate.depths or min(self.estimate.depths) < 1 or self.estimate.n_inits < 1:
+            raise ValueError("estimate.depths must be >= 1 (non-empty) and estimate.n_inits >= 1")
         for p in self.sinks.precisions:
             if p not in PRECISIONS and p not in SINK_VARIANTS:
                 raise ValueError(f"sinks.precisions: unknown '{p}'; known: {sorted(PRECISIONS) + SINK_VARIANTS}")
@@ -140,6 +217,7 @@ class Config:
         for m in self.train.modes:
             if m not in ("fp32", "bf16_autocast", "fp16_loss_scaling", "fp8_emulated"):
                 raise ValueError(f"train.modes: unknown mode '{m}'")
+        self.authors.validate()
 
 
 # Named precision recipes (see exp_roundoff.run.policy_for): storage/GEMM format, accumulation.

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib.ticker import NullFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import (
+    FuncFormatter,
+    LogFormatterSciNotation,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+)
 
 from common.plotting import register_figure, style
 from common.report import long, pivot, register_table, select
@@ -25,27 +33,78 @@ def _col(t: pd.DataFrame, key: str) -> pd.Series:
     return t[f"p.{key}"]
 
 
+def _param(t: pd.DataFrame, key: str, default: str) -> str:
+    """The one value of parameter ``key`` in these rows (rows written before it was logged: ``default``)."""
+    vals = t[f"p.{key}"].dropna().unique() if f"p.{key}" in t else []
+    return ", ".join(map(str, vals)) if len(vals) else default
+
+
+def _depth_axis(ax, depths) -> None:
+    """Log2 depth axis labelled with the integer depths themselves (not 2x10^0)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(depths, [str(int(d)) for d in depths])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 @register_figure("error_vs_depth", experiment=EXP, sources="depth",
                  title="Error vs depth, random-init GPT-2 / Llama: measured, estimate, bound")
 def error_vs_depth(df: pd.DataFrame):
+    """Top row: measured mean / max and the statistical estimate; bottom row: the first-order bound on its own
+    axis (it is orders of magnitude above and would squash the measurements). Colour = precision, line
+    style = quantity: one legend of each."""
     t = _latest(df, "depth")
     if t.empty:
         return None
     style()
     archs = sorted(_col(t, "arch").unique())
-    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 3.6), squeeze=False)
+    precs = sorted(t["method"].unique())
+    depths = sorted(t["p.depth"].unique())
+    fig, axes = plt.subplots(2, len(archs), figsize=(5 * len(archs), 6.4), squeeze=False, sharex=True,
+                             height_ratios=(3, 2))
+    kinds = (("measured_mean", "-o", "measured mean"), ("measured_max", ":", "measured max"),
+             ("estimate_mean", "-.", "statistical estimate"))
+    for col, arch in enumerate(archs):
+        a = t[_col(t, "arch") == arch]
+        top, bot = axes[0][col], axes[1][col]
+        for i, prec in enumerate(precs):
+            m = a[a["method"] == prec]
+            for metric, ls, _ in kinds:
+                s = m[m["metric"] == metric].sort_values("p.depth")
+                top.plot(s["p.depth"], s["value"], ls, color=f"C{i}", ms=3)
+            s = m[m["metric"] == "bound_mean"].sort_values("p.depth")
+            bot.plot(s["p.depth"], s["value"], "--o", color=f"C{i}", ms=3)
+        top.set(yscale="log", ylabel="relative l2 error after block L", title=f"{arch}, random init")
+        bot.set(yscale="log", xlabel="depth L", ylabel="first-order bound (mean)")
+        _depth_axis(bot, depths)
+    colours = [Line2D([], [], color=f"C{i}", lw=2, label=prec) for i, prec in enumerate(precs)]
+    styles = [Line2D([], [], color="k", ls=ls.rstrip("o"), marker="o" if "o" in ls else None, ms=3, label=label)
+              for _, ls, label in kinds]
+    axes[0][0].legend(handles=colours, title="precision", fontsize=7, title_fontsize=7, loc="upper left")
+    axes[0][-1].legend(handles=styles, fontsize=7, loc="upper left")
+    return fig
+
+
+@register_figure("estimate_ratio", experiment=EXP, sources="estimate_check",
+                 title="Statistical estimate / measured error vs depth, per init std (held-out random models)")
+def estimate_ratio(df: pd.DataFrame):
+    t = _latest(df, "estimate_check")
+    t = t[t["metric"] == "ratio"]
+    if t.empty:
+        return None
+    style()
+    archs = sorted(_col(t, "arch").unique())
+    fig, axes = plt.subplots(1, len(archs), figsize=(4 * len(archs), 3.4), squeeze=False, sharey=True)
     for ax, arch in zip(axes[0], archs):
         a = t[_col(t, "arch") == arch]
-        for i, prec in enumerate(sorted(a["method"].unique())):
-            m = a[a["method"] == prec]
-            color = f"C{i}"
-            for metric, ls, label in (("measured_mean", "-o", "measured mean"), ("measured_max", ":", "measured max"),
-                                      ("estimate_mean", "-.", "estimate"), ("bound_mean", "--", "bound (first order)")):
-                s = m[m["metric"] == metric].sort_values("p.depth")
-                ax.plot(s["p.depth"], s["value"], ls, color=color, label=f"{prec}: {label}", ms=3)
-        ax.set(xscale="log", yscale="log", xlabel="depth L", ylabel="relative l2 error of block-L output",
-               title=f"{arch}, random init")
-        ax.legend(fontsize=6, ncol=2)
+        for i, std in enumerate(sorted(_col(a, "init_std").unique())):
+            for prec, ls in zip(sorted(a["method"].unique()), ("-o", "--s", ":^")):
+                s = a[(_col(a, "init_std") == std) & (a["method"] == prec)].sort_values("p.depth")
+                ax.plot(s["p.depth"], s["value"], ls, ms=3, color=f"C{i}", label=f"std {std:g} ({prec})")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(yscale="log", xlabel="depth L", title=f"{arch}, random init")
+        _depth_axis(ax, sorted(a["p.depth"].unique()))
+    axes[0][0].set_ylabel("estimate / measured (mean error)")
+    axes[0][0].legend(fontsize=6)
     return fig
 
 
@@ -132,6 +191,8 @@ def accumulation(df: pd.DataFrame):
 @register_figure("hyperparameters", experiment=EXP, sources="hyper",
                  title="Hyper-parameter sweeps: logits error")
 def hyperparameters(df: pd.DataFrame):
+    """One panel per sweep; every panel labels its own y ticks (a sweep that spans less than a decade gets
+    labelled minor ticks), the title names the arch and precision the stage ran."""
     t = _latest(df, "hyper")
     t = t[t["metric"] == "logits_mean"]
     if t.empty:
@@ -139,22 +200,39 @@ def hyperparameters(df: pd.DataFrame):
     style()
     sweeps = list(dict.fromkeys(t["method"]))
     n = len(sweeps)
-    cols = 4
+    cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
     for ax, sweep in zip(axes.flat, sweeps):
         s = t[t["method"] == sweep]
-        for i, norm in enumerate(sorted(_col(s, "norm").unique())):
+        norms = sorted(_col(s, "norm").unique())
+        values = sorted(s["p.value"].astype(float).unique())
+        # 0 (no outlier) has no place on a log axis: drawn a decade left of the smallest positive value
+        zero_at = min((v for v in values if v > 0), default=10.0) / 10
+        for i, norm in enumerate(norms):
             v = s[_col(s, "norm") == norm].sort_values("p.value")
             x = v["p.value"].astype(float)
-            ax.plot(x.where(x > 0, x[x > 0].min() / 10 if (x > 0).any() else 1), v["value"], "-o", ms=3,
-                    color=f"C{i}", label=norm)
-        ax.set(xscale="log", yscale="log", title=sweep, xlabel=sweep, ylabel="logits rel. error")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=6)
+            ax.plot(x.where(x > 0, zero_at), v["value"], "-o", ms=3, color=f"C{i}", label=norm)
+        ax.set(xscale="log", yscale="log", xlabel=sweep.replace("_", " "), ylabel="logits rel. l2 error")
+        # x ticks at the swept values themselves, y ticks labelled however narrow the panel's range
+        ax.set_xticks([x if x > 0 else zero_at for x in values], [f"{x:g}" for x in values])
+        ax.xaxis.set_minor_locator(NullLocator())
+        lo, hi = s["value"].min(), s["value"].max()
+        if lo > 0 and hi / lo < 10:  # within a decade a log locator may place no tick at all: linear ticks
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
+        elif lo > 0 and hi / lo < 100:  # one or two decades: label 1, 2, 5 x 10^k
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if len(norms) > 1:
+            ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    arch, prec = _param(t, "arch", "gpt2"), _param(t, "precision", "precision not logged")
+    fig.suptitle(f"hyper-parameter sweeps: {arch}-style random init, {prec}, logits error (mean over tokens)",
+                 fontsize=9)
     return fig
 
 
@@ -237,6 +315,9 @@ def guidelines(df: pd.DataFrame):
 
 
 # ------------------------------------------------------------------------------------- report tables
+AUTHORS_NOTE = ("abs_linf = absolute l-inf error of a token (max over the hidden dim), min_token_l2 = smallest "
+                "l2 norm of a float64 reference token (the authors' metrics; a small reference token explains a "
+                "large relative error).")
 def _latest_rows(rows: pd.DataFrame, table: str, needs: tuple[str, ...] = ()) -> pd.DataFrame:
     """The rows of ``table``'s most recent run, as the figures show them (empty if a column is missing)."""
     t = select(rows, table, needs=needs)
@@ -246,15 +327,42 @@ def _latest_rows(rows: pd.DataFrame, table: str, needs: tuple[str, ...] = ()) ->
 @register_table("depth", EXP, "Relative error of the residual stream after block L, random-init models",
                 sources="depth",
                 note="Mean over tokens unless the column says otherwise; bound = first-order worst case, "
-                     "estimate = statistical estimate.")
+                     "estimate = statistical estimate. " + AUTHORS_NOTE)
 def table_depth(rows):
     t = _latest_rows(rows, "depth", ("p.arch", "p.depth"))
     if t.empty:
         return None
     w = pivot(t, index=["p.arch", "method", "p.depth"], columns="metric",
-              order=["measured_mean", "measured_median", "measured_p99", "measured_max", "estimate_mean",
-                     "bound_mean", "bound_median"])
+              order=["measured_mean", "measured_median", "measured_p99", "measured_max", "abs_linf_mean",
+                     "abs_linf_max", "min_token_l2", "estimate_mean", "bound_mean", "bound_median"])
     return w.rename(columns={"p.arch": "arch", "method": "precision", "p.depth": "depth L"}), t
+
+
+@register_table("estimate_check", EXP, "Statistical estimate vs measured error after block L, held-out random "
+                "models across init std", sources="estimate_check",
+                note="ratio = estimate_mean / measured_mean (mean per-token relative l2 error of the residual "
+                     "stream after the last block); token_ratio_median = median over tokens of the per-token ratio.")
+def table_estimate_check(rows):
+    t = _latest_rows(rows, "estimate_check", ("p.arch", "p.init_std", "p.depth"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.init_std", "p.arch", "p.depth"], columns="metric",
+              order=["measured_mean", "estimate_mean", "ratio", "token_ratio_median"])
+    return w.rename(columns={"method": "precision", "p.init_std": "init std", "p.arch": "arch",
+                             "p.depth": "depth L"}), t
+
+
+@register_table("estimate_range", EXP, "Range of the estimate / measured ratio per init std (over depths)",
+                sources="estimate_range",
+                note="arch all = over every arch and depth of the estimate_check table; depth_at_max = the depth "
+                     "of the largest ratio.")
+def table_estimate_range(rows):
+    t = _latest_rows(rows, "estimate_range", ("p.arch", "p.init_std"))
+    if t.empty:
+        return None
+    w = pivot(t, index=["method", "p.init_std", "p.arch"], columns="metric",
+              order=["ratio_min", "ratio_max", "depth_at_max"])
+    return w.rename(columns={"method": "precision", "p.init_std": "init std", "p.arch": "arch"}), t
 
 
 def _some_layers(layers: list) -> set:
@@ -265,40 +373,44 @@ def _some_layers(layers: list) -> set:
 
 @register_table("depth_real", EXP, "SmolLM2-135M-Instruct: error per layer (selected layers; all in the figure)",
                 sources="depth_real",
-                note="The last layer index holds the logits row (logits_mean); a bound of — overflowed float64.")
+                note="The last layer index holds the logits row (logits_mean); a bound of — overflowed float64. "
+                     + AUTHORS_NOTE)
 def table_depth_real(rows):
     t = _latest_rows(rows, "depth_real", ("p.layer",))
     t = t[t["p.layer"].isin(_some_layers(sorted(t["p.layer"].unique())))] if len(t) else t
     if t.empty:
         return None
     w = pivot(t, index=["method", "p.layer"], columns="metric",
-              order=["measured_mean", "measured_median", "measured_max", "estimate_mean", "bound_mean",
-                     "logits_mean"])
+              order=["measured_mean", "measured_median", "measured_max", "abs_linf_mean", "abs_linf_max",
+                     "min_token_l2", "estimate_mean", "bound_mean", "logits_mean"])
     return w.rename(columns={"method": "precision", "p.layer": "layer"}), t
 
 
 @register_table("mean_vs_median", EXP, "Per-token error distribution over tokens × initialisations",
                 sources="mean_vs_median",
-                note="token_mean_over_median is the ratio the experiment logged.")
+                note="token_mean_over_median is the ratio the experiment logged; min_token_l2 (smallest l2 norm "
+                     "of a float64 reference token at the last block) is on the rel_l2 row.")
 def table_mean_vs_median(rows):
     t = _latest_rows(rows, "mean_vs_median", ("p.error", "p.init_gain"))
-    t = t[t["metric"].str.startswith("token_")] if len(t) else t
+    t = t[t["metric"].str.startswith("token_") | (t["metric"] == "min_token_l2")] if len(t) else t
     if t.empty:
         return None
     order = ["token_p01", "token_p25", "token_median", "token_mean", "token_p75", "token_p99", "token_max",
-             "token_mean_over_median"]
+             "token_mean_over_median", "min_token_l2"]
     w = pivot(t, index=["method", "p.error", "p.init_gain"], columns="metric", order=order)
     return w.rename(columns={"method": "precision", "p.error": "error", "p.init_gain": "init gain"}), t
 
 
 @register_table("accumulation", EXP, "Accumulation format and block size (bf16 / fp16 storage)",
-                sources="accumulation", note="block_k 0 = exact accumulation, one rounding of the sum.")
+                sources="accumulation", note="block_k 0 = exact accumulation, one rounding of the sum. "
+                + AUTHORS_NOTE)
 def table_accumulation(rows):
     t = _latest_rows(rows, "accumulation", ("p.block_k",))
     if t.empty:
         return None
     w = pivot(t, index=["method", "p.block_k"], columns="metric",
-              order=["logits_mean", "logits_median", "gemm_local_mean"])
+              order=["logits_mean", "logits_median", "gemm_local_mean", "logits_abs_linf_mean",
+                     "logits_min_token_l2"])
     return w.rename(columns={"method": "storage/accumulator", "p.block_k": "block_k"}), t
 
 
@@ -317,14 +429,15 @@ def table_op_groups(rows):
                              "low_precision_ops": "fp32 model, this group in bf16"}), t
 
 
-@register_table("hyper", EXP, "Hyper-parameter sweeps (GPT-2 style, bf16)", sources="hyper")
+@register_table("hyper", EXP, "Hyper-parameter sweeps (GPT-2 style, bf16)", sources="hyper",
+                note="block_* = residual stream after the last block. " + AUTHORS_NOTE)
 def table_hyper(rows):
     t = _latest_rows(rows, "hyper", ("p.value", "p.norm"))
     if t.empty:
         return None
     w = pivot(t, index=["method", "p.value", "p.norm"], columns="metric",
-              order=["logits_mean", "block_mean", "block_median", "max_prob_mean", "norm_cond_max", "omega_kq",
-                     "omega_ud"])
+              order=["logits_mean", "block_mean", "block_median", "block_abs_linf_mean", "block_min_token_l2",
+                     "max_prob_mean", "norm_cond_max", "omega_kq", "omega_ud"])
     return w.rename(columns={"method": "sweep", "p.value": "value", "p.norm": "norm"}), t
 
 
@@ -341,14 +454,15 @@ def table_softmax_sinks(rows):
 @register_table("attention_sinks", EXP, "In-model attention sinks: error vs measured sink mass",
                 sources="attention_sinks",
                 note="Sink mass and logit gap as measured on the float64 reference; target 0 = control "
-                     "(massive activation, no sink).")
+                     "(massive activation, no sink). " + AUTHORS_NOTE)
 def table_attention_sinks(rows):
     t = _latest_rows(rows, "attention_sinks", ("p.arch", "p.target_mass", "p.sink_mass", "p.sink_gap"))
     if t.empty:
         return None
     w = pivot(t, index=["p.arch", "method", "p.target_mass", "p.sink_mass", "p.sink_gap"], columns="metric",
-              order=["logits_mean", "logits_p99", "softmax_comp_mean", "softmax_l2_mean", "attn_value_mean",
-                     "attn_value_local_mean", "estimate_logits_mean", "bound_logits_mean"])
+              order=["logits_mean", "logits_p99", "logits_abs_linf_mean", "logits_min_token_l2",
+                     "softmax_comp_mean", "softmax_l2_mean", "attn_value_mean", "attn_value_local_mean",
+                     "estimate_logits_mean", "bound_logits_mean"])
     return w.rename(columns={"p.arch": "arch", "method": "precision", "p.target_mass": "target",
                              "p.sink_mass": "sink mass", "p.sink_gap": "logit gap"}), t
 

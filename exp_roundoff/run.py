@@ -6,8 +6,9 @@
 
 Stages (common.stages: each writes its rows and a summary.json into outputs/exp_roundoff/<stage>/<hash>/,
 and is skipped when that folder is complete; figures in exp_roundoff/figures.py):
-depth (a), meanmedian (c), accum (d), hyper (b), sinks (b: in-model attention sinks), train (e), guidelines
-(reads the summaries of meanmedian, accum and hyper from disk).
+depth (a), estimate (a: the statistical estimate / measured ratio across init std and depth), meanmedian (c),
+accum (d), hyper (b), sinks (b: in-model attention sinks), train (e), guidelines (reads the summaries of
+meanmedian, accum and hyper from disk). Long loops print one line per finished unit with its time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from common.data import DatasetNotAvailableError
 from common.lowp import quantize
 from common.lowp.tracer import Emulator, OpPrecision, Policy, Tracer
 from common.stages import Stage, StageContext, run_experiment
+from exp_roundoff.authors_sweep import stage_authors_sweep
 from exp_roundoff.bounds import block_terms, forward_error_bound, forward_error_estimate, weight_functionals
 from exp_roundoff.config import STAGES, Config
 from exp_roundoff.models import (
@@ -77,6 +79,12 @@ def last_block(res, n_layers: int, metric: str = "rel_l2") -> torch.Tensor:
     return res.token_values[(n_layers - 1, "block_out", "forward", metric)]
 
 
+def ref_norms(res, layer: int, op: str = "block_out") -> torch.Tensor:
+    """Per-token l2 norms of the float64 reference at (layer, op); their minimum is the authors'
+    ``min_token_l2`` (a small reference token makes its relative error large)."""
+    return res.token_values[(layer, op, "reference", "l2")]
+
+
 def tstats(v: torch.Tensor) -> dict[str, float]:
     v = v.double()
     f = v[torch.isfinite(v)]
@@ -91,13 +99,30 @@ def on_device(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(DEVICE)
 
 
-def trace(model, policy: Policy, batches: list, bound: bool = False):
-    """Trace; with ``bound`` also the first-order bound and the statistical estimate ({"bound", "estimate"})."""
+def trace(model, policy: Policy, batches: list, bound: bool = False, kinds: tuple[str, ...] = ("bound", "estimate")):
+    """Trace; with ``bound`` also the first-order bound and/or the statistical estimate (``kinds``)."""
     batches = [(ids.to(DEVICE), None if m is None else m.to(DEVICE)) for ids, m in batches]
     res = Tracer(on_device(model), policy, capture=bound, keep_token_values=True).run_batches(batches)
     if not bound:
         return res, None
-    return res, {"bound": forward_error_bound(res, policy), "estimate": forward_error_estimate(res, policy)}
+    fns = {"bound": forward_error_bound, "estimate": forward_error_estimate}
+    return res, {k: fns[k](res, policy) for k in kinds}
+
+
+class Progress:
+    """One line per finished unit of a long loop, with its time and the stage's elapsed time (stages run on
+    the main process; a plain line stays readable in a log file where a tqdm bar would not)."""
+
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total, self.i = stage, total, 0
+        self.start = self.last = time.time()
+
+    def done(self, what: str) -> None:
+        now = time.time()
+        self.i += 1
+        print(f"[{EXP}] {self.stage} {self.i}/{self.total} {what}: {now - self.last:.1f} s "
+              f"(stage {now - self.start:.0f} s)", flush=True)
+        self.last = now
 
 
 def log_stats(run: StageContext, table: str, method: str, values: dict[str, float], params: dict, n: int | None = None,
@@ -110,27 +135,36 @@ def log_stats(run: StageContext, table: str, method: str, values: dict[str, floa
 def stage_depth(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     c = cfg.depth
     batches = byte_batches(data, c.batch, c.seq_len, 1, cfg.seed)
+    prog = Progress("depth", len(c.archs) * len(c.depths))
     for arch in c.archs:
         for depth in c.depths:
-            per = {p: {"meas": [], "bound": [], "estimate": []} for p in c.precisions}
+            per = {p: {"meas": [], "abs": [], "ref": [], "bound": [], "estimate": []} for p in c.precisions}
             for init in range(c.n_inits):
                 model = build_model(arch, d_model=c.d_model, n_layers=depth, n_heads=c.n_heads,
                                     seq_len=c.seq_len, seed=cfg.seed * 1000 + init)
                 for prec in c.precisions:
                     res, b = trace(model, policy_for(prec), batches, bound=True)
                     per[prec]["meas"].append(last_block(res, depth))
+                    per[prec]["abs"].append(last_block(res, depth, "abs_linf"))
+                    per[prec]["ref"].append(ref_norms(res, depth - 1))
                     per[prec]["bound"].append(b["bound"]["block_rel"][depth - 1])
                     per[prec]["estimate"].append(b["estimate"]["block_rel"][depth - 1])
             for prec, d in per.items():
                 meas, bnd = torch.cat(d["meas"]), torch.cat(d["bound"])
                 params = {"arch": arch, "depth": depth, "u": _u_of(prec)}
                 log_stats(run, "depth", prec, tstats(meas), params, n=meas.numel(), prefix="measured_")
+                # the authors' absolute l-inf error and the smallest reference token norm
+                log_stats(run, "depth", prec, tstats(torch.cat(d["abs"])), params, n=meas.numel(),
+                          prefix="abs_linf_")
+                run.log(table="depth", method=prec, metric="min_token_l2", value=float(torch.cat(d["ref"]).min()),
+                        n=meas.numel(), params=params)
                 log_stats(run, "depth", prec, {"mean": float(bnd.mean()), "median": float(bnd.median())}, params,
                           n=bnd.numel(), prefix="bound_")
                 est = torch.cat(d["estimate"])
                 run.log(table="depth", method=prec, metric="estimate_mean", value=float(est.mean()), n=est.numel(),
                         params=params)
                 summary.setdefault("depth", {})[(arch, depth, prec)] = float(meas.mean())
+            prog.done(f"{arch} L={depth}")
     if c.real_model and c.real_model.lower() != "none":
         stage_depth_real(cfg, run, summary)
 
@@ -147,6 +181,7 @@ def stage_depth_real(cfg: Config, run: StageContext, summary: dict) -> None:
     text = (Path(default_data_dir()) / "text" / cfg.corpus).read_text(encoding="utf-8")
     ids = tok(text[:20000], return_tensors="pt").input_ids[:, : c.real_tokens]
     n_layers = model.config.num_hidden_layers
+    prog = Progress("depth_real", len(c.real_precisions))
     for prec in c.real_precisions:
         res, b = trace(model, policy_for(prec), [(ids, None)], bound=True)
         for layer in range(n_layers):
@@ -154,6 +189,9 @@ def stage_depth_real(cfg: Config, run: StageContext, summary: dict) -> None:
             params = {"model": c.real_model, "layer": layer, "n_tokens": ids.shape[1]}
             log_stats(run, "depth_real", prec, {"mean": float(meas.mean()), "median": float(meas.median()),
                                                 "max": float(meas.max())}, params, prefix="measured_")
+            absl = res.token_values[(layer, "block_out", "forward", "abs_linf")]
+            log_stats(run, "depth_real", prec, {"abs_linf_mean": float(absl.mean()), "abs_linf_max": float(absl.max()),
+                                                "min_token_l2": float(ref_norms(res, layer).min())}, params)
             for kind in ("bound", "estimate"):
                 run.log(table="depth_real", method=prec, metric=f"{kind}_mean",
                         value=float(b[kind]["block_rel"][layer].mean()), params=params)
@@ -174,6 +212,56 @@ def stage_depth_real(cfg: Config, run: StageContext, summary: dict) -> None:
                     run.log(table="real_activation_stats", method=s["stat"], metric="max", value=s["max"],
                             params={"model": c.real_model, "layer": s["layer"]})
         summary.setdefault("real", {})[prec] = float(logits.mean())
+        prog.done(f"{c.real_model} {prec}")
+
+
+# ------------------------------------------------------------------------------ stage a: the estimate
+HELD_OUT_SEED = 50_000  # model seeds of stage estimate: disjoint from the depth stage's and the tests'
+
+
+def stage_estimate(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
+    """How close the statistical estimate is: estimate / measured mean per-token error of the residual stream
+    after the last block, on held-out random models across init std and depth (table ``estimate_check``), and
+    its range per init std (table ``estimate_range``: min / max over depths, per arch and over all archs)."""
+    c = cfg.estimate
+    batches = byte_batches(data, c.batch, c.seq_len, 1, cfg.seed + 6)
+    ratios: dict = {}   # (prec, std, arch) -> [(depth, ratio)]
+    prog = Progress("estimate", len(c.archs) * len(c.init_stds) * len(c.depths))
+    for arch in c.archs:
+        for std in c.init_stds:
+            for depth in c.depths:
+                per = {p: ([], []) for p in c.precisions}
+                for init in range(c.n_inits):
+                    model = build_model(arch, d_model=c.d_model, n_layers=depth, n_heads=c.n_heads,
+                                        seq_len=c.seq_len, init_std=std,
+                                        seed=HELD_OUT_SEED + cfg.seed * 1000 + init)
+                    for prec in c.precisions:
+                        res, b = trace(model, policy_for(prec), batches, bound=True, kinds=("estimate",))
+                        per[prec][0].append(last_block(res, depth))
+                        per[prec][1].append(b["estimate"]["block_rel"][depth - 1].cpu())
+                for prec, (meas, est) in per.items():
+                    meas, est = torch.cat(meas), torch.cat(est)
+                    ratio = float(est.mean() / meas.mean())
+                    params = {"arch": arch, "init_std": std, "depth": depth, "d_model": c.d_model,
+                              "n_inits": c.n_inits}
+                    log_stats(run, "estimate_check", prec,
+                              {"measured_mean": float(meas.mean()), "estimate_mean": float(est.mean()),
+                               "ratio": ratio, "token_ratio_median": float((est / meas).median())},
+                              params, n=meas.numel())
+                    ratios.setdefault((prec, std, arch), []).append((depth, ratio))
+                    summary.setdefault("estimate", {})[(arch, std, depth, prec)] = ratio
+                prog.done(f"{arch} std={std:g} L={depth}")
+    for prec in c.precisions:
+        for std in c.init_stds:
+            groups = {arch: ratios[(prec, std, arch)] for arch in c.archs}
+            groups["all"] = [r for arch in c.archs for r in ratios[(prec, std, arch)]]
+            for arch, rs in groups.items():
+                if not rs:  # estimate.archs = []
+                    continue
+                lo, hi = min(rs, key=lambda r: r[1]), max(rs, key=lambda r: r[1])
+                log_stats(run, "estimate_range", prec, {"ratio_min": lo[1], "ratio_max": hi[1],
+                                                        "depth_at_max": hi[0]},
+                          {"arch": arch, "init_std": std}, n=len(rs))
 
 
 # ----------------------------------------------------------------------------------------- stage c
@@ -182,10 +270,11 @@ def stage_meanmedian(cfg: Config, run: StageContext, data: torch.Tensor, summary
     tokens and initialisations (normwise l2 and componentwise), at several init gains (std = gain / sqrt(d))."""
     c = cfg.meanmedian
     batches = byte_batches(data, c.batch, c.seq_len, 1, cfg.seed + 1)
+    prog = Progress("meanmedian", len(c.precisions) * len(c.init_gains))
     for prec in c.precisions:
         for gain in c.init_gains:
-            tokens: dict[str, list] = {"rel_l2": [], "rel_comp": []}
-            init_means = []
+            tokens: dict[str, list] = {"rel_l2": [], "rel_comp": [], "abs_linf": []}
+            init_means, refs = [], []
             for init in range(c.n_inits):
                 model = build_model("gpt2", d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
                                     seq_len=c.seq_len, init_std=gain / math.sqrt(c.d_model),
@@ -194,6 +283,7 @@ def stage_meanmedian(cfg: Config, run: StageContext, data: torch.Tensor, summary
                 for metric in tokens:
                     tokens[metric].append(last_block(res, c.n_layers, metric))
                 init_means.append(tokens["rel_l2"][-1].mean())
+                refs.append(ref_norms(res, c.n_layers - 1))
             params = {"n_layers": c.n_layers, "d_model": c.d_model, "n_inits": c.n_inits, "init_gain": gain}
             for metric, chunks in tokens.items():
                 tok = torch.cat(chunks)
@@ -208,6 +298,10 @@ def stage_meanmedian(cfg: Config, run: StageContext, data: torch.Tensor, summary
             log_stats(run, "mean_vs_median", prec, {"mean": float(im.mean()), "median": float(im.median()),
                                                      "max": float(im.max())}, {**params, "error": "rel_l2"},
                       n=im.numel(), prefix="init_")
+            ref = torch.cat(refs)
+            run.log(table="mean_vs_median", method=prec, metric="min_token_l2", value=float(ref.min()),
+                    n=ref.numel(), params={**params, "error": "rel_l2"})
+            prog.done(f"{prec} gain={gain:g} ({c.n_inits} inits)")
 
 
 # ----------------------------------------------------------------------------------------- stage d
@@ -226,14 +320,20 @@ def stage_accum(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
     models = [build_model("gpt2", d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, seq_len=c.seq_len,
                           seed=cfg.seed * 31 + i) for i in range(c.n_inits)]
 
+    prog = Progress("accum", len(c.accumulators) * len(c.block_sizes) + 2 * len(c.promote_groups))
+
     def measure(policy: Policy) -> dict[str, float]:
-        logits, local = [], []
+        logits, local, absl, ref = [], [], [], []
         for m in models:
             res, _ = trace(m, policy, batches)
             logits.append(res.token_values[(c.n_layers, "logits", "forward", "rel_l2")])
             local.append(res.token_values[(0, "mlp_down", "local", "rel_l2")])
+            absl.append(res.token_values[(c.n_layers, "logits", "forward", "abs_linf")])
+            ref.append(ref_norms(res, c.n_layers, "logits"))
         return {"logits_mean": float(torch.cat(logits).mean()), "logits_median": float(torch.cat(logits).median()),
-                "gemm_local_mean": float(torch.cat(local).mean())}
+                "gemm_local_mean": float(torch.cat(local).mean()),
+                "logits_abs_linf_mean": float(torch.cat(absl).mean()),
+                "logits_min_token_l2": float(torch.cat(ref).min())}
 
     for acc in c.accumulators:
         store = "fp16" if acc == "fp16" else "bf16"
@@ -242,6 +342,7 @@ def stage_accum(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
             log_stats(run, "accumulation", f"{store}/acc_{acc}", vals,
                       {"block_k": bk, "storage": store, "accumulator": acc, "K_max": 4 * c.d_model})
             summary.setdefault("accum", {})[(acc, bk)] = vals["logits_mean"]
+            prog.done(f"{store}/acc_{acc} block_k={bk}")
     base = Policy.uniform("bf16", acc="fp32")
     hi = OpPrecision(fmt="fp32", acc_fmt="fp32")
     for group in c.promote_groups:
@@ -250,6 +351,7 @@ def stage_accum(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
         vals = measure(base.with_ops({op: hi for op in GROUPS[group]}))
         log_stats(run, "high_precision_ops", group, vals, {"baseline": "bf16/acc_fp32", "promoted_to": "fp32"})
         summary.setdefault("promote", {})[group] = vals["logits_mean"]
+        prog.done(f"promote {group}")
     # the converse: an fp32 model with one op group fully in bf16 (storage and internals) ranks the ops by
     # the error they contribute on their own
     lo = OpPrecision(fmt="bf16", acc_fmt="bf16")
@@ -258,17 +360,20 @@ def stage_accum(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
         vals = measure(fp32.with_ops({op: lo for op in GROUPS[group]}))
         log_stats(run, "low_precision_ops", group, vals, {"baseline": "fp32", "demoted_to": "bf16"})
         summary.setdefault("demote", {})[group] = vals["logits_mean"]
+        prog.done(f"demote {group}")
 
 
 # ----------------------------------------------------------------------------------------- stage b
 def stage_hyper(cfg: Config, run: StageContext, data: torch.Tensor, summary: dict) -> None:
     h = cfg.hyper
     pol = policy_for(h.precision)
+    prog = Progress("hyper", len(h.widths) + len(h.heads) + len(h.seq_lens) + len(h.init_stds) + len(h.qk_scales)
+                    + 2 * (len(h.norm_eps) + len(h.outlier_kinds) * len(h.outliers)) + len(h.resid_scales))
 
     def one(sweep: str, value, arch=h.arch, d=h.d_model, heads=h.n_heads, seq=h.seq_len, std=0.02, norm=None,
             eps=None, edit=None) -> None:
         batches = byte_batches(data, h.batch, seq, 1, cfg.seed + 3)
-        meas, logits, extra = [], [], {}
+        meas, absl, refs, logits, extra = [], [], [], [], {}
         for i in range(h.n_inits):
             model = build_model(arch, d_model=d, n_layers=h.n_layers, n_heads=heads, seq_len=max(seq, 16),
                                 init_std=std, norm=norm, norm_eps=eps, seed=cfg.seed * 101 + i)
@@ -276,6 +381,8 @@ def stage_hyper(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
                 edit(model)
             res, _ = trace(model, pol, batches)
             meas.append(last_block(res, h.n_layers))
+            absl.append(last_block(res, h.n_layers, "abs_linf"))
+            refs.append(ref_norms(res, h.n_layers - 1))
             logits.append(res.token_values[(h.n_layers, "logits", "forward", "rel_l2")])
             if i == 0:
                 wf = weight_functionals(model, n_heads=heads)
@@ -285,10 +392,13 @@ def stage_hyper(cfg: Config, run: StageContext, data: torch.Tensor, summary: dic
                 extra["max_prob_mean"] = sum(s["mean"] for s in res.activation_stats if s["stat"] == "max_prob") \
                     / max(1, sum(1 for s in res.activation_stats if s["stat"] == "max_prob"))
         m, lg = torch.cat(meas), torch.cat(logits)
-        params = {"sweep": sweep, "value": value, "norm": norm or "layernorm"}
+        params = {"sweep": sweep, "value": value, "norm": norm or "layernorm", "arch": arch, "precision": h.precision}
         log_stats(run, "hyper", sweep, {"block_mean": float(m.mean()), "block_median": float(m.median()),
+                                        "block_abs_linf_mean": float(torch.cat(absl).mean()),
+                                        "block_min_token_l2": float(torch.cat(refs).min()),
                                         "logits_mean": float(lg.mean()), **extra}, params, n=m.numel())
         summary.setdefault("hyper", {})[(sweep, value, norm or "layernorm")] = float(lg.mean())
+        prog.done(f"{sweep}={value:g}" + (f" ({norm})" if norm else ""))
 
     for w in h.widths:
         one("width", w, d=w)
@@ -368,6 +478,8 @@ def _sink_errors(res, b: dict | None, n_layers: int, seq_len: int) -> dict[str, 
         return torch.cat([nonsink(res.token_values[(i, op, kind, metric)]) for i in range(n_layers)])
 
     out = {"logits": nonsink(res.token_values[(n_layers, "logits", "forward", "rel_l2")]),
+           "logits_abs_linf": nonsink(res.token_values[(n_layers, "logits", "forward", "abs_linf")]),
+           "logits_ref_l2": nonsink(ref_norms(res, n_layers, "logits")),
            # componentwise max over a probability row: set by the small (non-sink) probabilities
            "softmax_comp": layers("softmax", "forward", "rel_comp"),
            "softmax_l2": layers("softmax", "forward", "rel_l2"),
@@ -387,8 +499,10 @@ def _mean_sink_params(per_init: list[tuple[float, dict]]) -> dict[str, float]:
 
 
 def _sink_summary(errs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Means of the pooled per-token errors (+ median / p99 of the logits error)."""
-    vals = {f"{k}_mean": float(torch.cat(chunks).mean()) for k, chunks in errs.items()}
+    """Means of the pooled per-token errors (+ median / p99 of the logits error; the smallest reference logits
+    norm, the authors' min_token_l2)."""
+    vals = {f"{k}_mean": float(torch.cat(chunks).mean()) for k, chunks in errs.items() if k != "logits_ref_l2"}
+    vals["logits_min_token_l2"] = float(torch.cat(errs["logits_ref_l2"]).min())
     st = tstats(torch.cat(errs["logits"]))
     vals["logits_median"], vals["logits_p99"] = st["median"], st["p99"]
     return vals
@@ -398,6 +512,7 @@ def stage_attention_sinks(cfg: Config, run: StageContext, data: torch.Tensor, su
     """Random-init models with an attention sink of calibrated strength (models.add_attention_sink): error
     of each precision vs the sink mass measured on the float64 reference."""
     c = cfg.sinks
+    prog = Progress("sinks", len(c.archs) * c.n_inits)
     for arch in c.archs:
         errs: dict = {}     # (target, precision) -> metric -> list of per-token tensors
         sinks: dict = {}    # target -> list of (strength, sink_stats) per init
@@ -416,6 +531,7 @@ def stage_attention_sinks(cfg: Config, run: StageContext, data: torch.Tensor, su
                     res, b = trace(model, sink_policy(prec), batches, bound=c.bound)
                     for k, v in _sink_errors(res, b, c.n_layers, c.seq_len).items():
                         errs.setdefault((target, prec), {}).setdefault(k, []).append(v)
+            prog.done(f"{arch} init {init} ({len(c.target_masses)} sink masses)")
         for (target, prec), d in errs.items():
             vals = _sink_summary(d)
             params = {"arch": arch, "target_mass": target, "n_inits": c.n_inits, "massive": c.massive,
@@ -498,6 +614,7 @@ def _train_one(cfg: Config, mode: str, seed: int, data: torch.Tensor) -> float:
 def stage_train(cfg: Config, run: StageContext, summary: dict) -> None:
     t = cfg.train
     data = text_bytes(t.corpus)
+    prog = Progress("train", len(t.modes) * len(t.seeds))
     for mode in t.modes:
         losses = []
         for seed in t.seeds:
@@ -507,6 +624,7 @@ def stage_train(cfg: Config, run: StageContext, summary: dict) -> None:
             run.log(table="mixed_precision_training", method=mode, metric="val_loss", value=loss, seed=seed,
                     params={"steps": t.steps, "d_model": t.d_model},
                     extra={"seconds": round(time.time() - start, 1)})
+            prog.done(f"{mode} seed {seed} (val loss {loss:.4f})")
         x = torch.tensor(losses, dtype=torch.float64)
         sd = float(x.std()) if len(losses) > 1 else 0.0
         run.log(table="mixed_precision_training", method=mode, metric="val_loss_mean", value=float(x.mean()),
@@ -604,6 +722,7 @@ def _guidelines_stage(ctx: StageContext) -> None:
 FORWARD_KEYS = ("seed", "corpus", "device")   # what every forward-error stage's numbers depend on
 STAGE_LIST = [
     Stage("depth", _forward_stage(stage_depth), config_keys=(*FORWARD_KEYS, "depth")),
+    Stage("estimate", _forward_stage(stage_estimate), config_keys=(*FORWARD_KEYS, "estimate")),
     Stage("meanmedian", _forward_stage(stage_meanmedian), config_keys=(*FORWARD_KEYS, "meanmedian")),
     Stage("accum", _forward_stage(stage_accum), config_keys=(*FORWARD_KEYS, "accum")),
     Stage("hyper", _forward_stage(stage_hyper), config_keys=(*FORWARD_KEYS, "hyper")),
@@ -611,6 +730,8 @@ STAGE_LIST = [
     Stage("train", _train_stage, config_keys=("train",)),
     # reads whichever of its inputs are complete for this config; cheap, so it always reruns
     Stage("guidelines", _guidelines_stage, optional_inputs=("meanmedian", "accum", "hyper"), cache=False),
+    # the authors' one-GEMM-at-a-time mantissa sweep (exp_roundoff/authors_sweep.py)
+    Stage("authors_sweep", stage_authors_sweep, config_keys=("seed", "corpus", "device", "authors")),
 ]
 assert tuple(s.name for s in STAGE_LIST) == STAGES
 

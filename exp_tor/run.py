@@ -9,6 +9,10 @@ Stages (common.stages): each writes its rows and a summary JSON into outputs/exp
 is skipped when that folder is complete for the config keys it depends on: closed (closed.*), simulate
 (seed, sim.*), planning (planning.*), harness (harness.*; the jobs' run directories are kept in the
 stage's folder, under jobs/). Every row goes to the shared results table (tables tor_*, harness_*).
+
+Under `accelerate launch --multi_gpu --num_processes W` the simulate stage's Monte Carlo runs and the
+harness's jobs are shared out over the W processes and gathered to the main process, which alone logs the
+rows (exp_tor/distributed.py); closed and planning run on the main process only.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from common.data import DataValidationError
 from common.stages import Pipeline, Stage, StageContext, run_experiment
 from exp_tor import planning, tor
 from exp_tor import simulate as sim
-from exp_tor.config import Config
+from exp_tor.config import Config, SimConfig
+from exp_tor.distributed import run_shared
 
 EXP = "exp_tor"
 
 
 def stage_closed(ctx: StageContext) -> None:
+    if not ctx.is_main:   # milliseconds of closed forms: the main process computes and logs them alone
+        return
     c = ctx.cfg.closed
     m, kinds = np.asarray(c.mtbfs, dtype=float), list(c.mtbf_kinds)
     # the interval formulas take the uptime MTBF (Daly's model: failures also hit repair); a wall-clock MTBF
@@ -85,37 +92,63 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def stage_simulate(ctx: StageContext) -> None:
-    s = ctx.cfg.sim
-    events = load_trace(s.trace) if s.trace else None   # read first: a bad trace fails before the sweeps
-    seed = ctx.cfg.seed
-    validation = []
+def simulate_jobs(s: SimConfig, seed: int) -> list[dict]:
+    """The simulate stage's Monte Carlo runs, each with its own seed (seed + 1, + 2, ... in this order)."""
+    jobs = []
     variants = [("blocking", {}), ("async", {"commit": s.commit}), ("daly_repair", {"repair_interruptible": True})]
     for tau in s.taus:
         for m in s.mtbfs:
             for name, kw in variants:
                 seed += 1
-                r = sim.simulate_fail_stop(tau, s.delta, s.repair, m, s.n_cycles, seed=seed, **kw)
-                exact = float(tor.fail_stop_exact(tau, s.delta, s.repair, m, **kw))
-                z = (r.tor - exact) / r.se
-                p = {"tau": tau, "mtbf": m, "variant": name}
-                ctx.log(table="tor_validation", method="simulator", metric="tor", value=r.tor, stderr=r.se,
-                        n=r.n_cycles, params=p)
-                ctx.log(table="tor_validation", method="closed_exact", metric="tor", value=exact, params=p)
-                ctx.log(table="tor_validation", method="simulator", metric="z_score", value=z, params=p)
-                validation.append({**p, "simulator": r.tor, "se": r.se, "closed_exact": exact, "z": z})
+                jobs.append({"kind": "validation", "tau": tau, "mtbf": m, "variant": name, "kw": kw, "seed": seed})
             for dist, shape in (("weibull", s.weibull_shape), ("lognormal", s.lognormal_sigma)):
                 seed += 1
-                r = sim.simulate_fail_stop(tau, s.delta, s.repair, m, s.n_cycles, seed=seed, dist=dist, shape=shape)
-                ctx.log(table="tor_robustness", method=f"simulator_{dist}", metric="tor", value=r.tor, stderr=r.se,
-                        n=r.n_cycles, params={"tau": tau, "mtbf": m, "shape": shape})
+                jobs.append({"kind": "robustness", "tau": tau, "mtbf": m, "dist": dist, "shape": shape, "seed": seed})
     for policy in ("tolerate", "ckpt_restart"):
         seed += 1
-        r = sim.simulate_fail_slow(600.0, 0.6, 20.0, 12.0, policy, s.n_cycles, seed=seed)
-        p = {"policy": policy, "slow_mtbf": 600.0, "rho": 0.6, "D": 20.0, "P": 12.0}
-        ctx.log(table="tor_fail_slow", method="simulator", metric="tor", value=r.tor, stderr=r.se, params=p)
-        ctx.log(table="tor_fail_slow", method="closed", metric="tor", params=p,
-                value=float(tor.fail_slow(600.0, 0.6, 20.0, 12.0, policy)))
+        jobs.append({"kind": "fail_slow", "policy": policy, "seed": seed})
+    return jobs
+
+
+def _simulate_one(s: SimConfig, job: dict) -> sim.SimResult:
+    if job["kind"] == "validation":
+        return sim.simulate_fail_stop(job["tau"], s.delta, s.repair, job["mtbf"], s.n_cycles, seed=job["seed"],
+                                      **job["kw"])
+    if job["kind"] == "robustness":
+        return sim.simulate_fail_stop(job["tau"], s.delta, s.repair, job["mtbf"], s.n_cycles, seed=job["seed"],
+                                      dist=job["dist"], shape=job["shape"])
+    return sim.simulate_fail_slow(600.0, 0.6, 20.0, 12.0, job["policy"], s.n_cycles, seed=job["seed"])
+
+
+def stage_simulate(ctx: StageContext) -> None:
+    s = ctx.cfg.sim
+    events = load_trace(s.trace) if s.trace else None   # read first: a bad trace fails before the sweeps
+    jobs = simulate_jobs(s, ctx.cfg.seed)
+    # independent seeded runs: shared out over the processes of a multi-process launch, gathered in order
+    results = run_shared(ctx, jobs, lambda j: _simulate_one(s, j), label="exp_tor simulate", progress=False)
+    if not ctx.is_main:   # the main process logs the rows and writes the summary
+        return
+    validation = []
+    for job, r in zip(jobs, results):
+        if job["kind"] == "validation":
+            tau, m, name, kw = job["tau"], job["mtbf"], job["variant"], job["kw"]
+            exact = float(tor.fail_stop_exact(tau, s.delta, s.repair, m, **kw))
+            z = (r.tor - exact) / r.se
+            p = {"tau": tau, "mtbf": m, "variant": name}
+            ctx.log(table="tor_validation", method="simulator", metric="tor", value=r.tor, stderr=r.se,
+                    n=r.n_cycles, params=p)
+            ctx.log(table="tor_validation", method="closed_exact", metric="tor", value=exact, params=p)
+            ctx.log(table="tor_validation", method="simulator", metric="z_score", value=z, params=p)
+            validation.append({**p, "simulator": r.tor, "se": r.se, "closed_exact": exact, "z": z})
+        elif job["kind"] == "robustness":
+            ctx.log(table="tor_robustness", method=f"simulator_{job['dist']}", metric="tor", value=r.tor,
+                    stderr=r.se, n=r.n_cycles, params={"tau": job["tau"], "mtbf": job["mtbf"], "shape": job["shape"]})
+        else:
+            policy = job["policy"]
+            p = {"policy": policy, "slow_mtbf": 600.0, "rho": 0.6, "D": 20.0, "P": 12.0}
+            ctx.log(table="tor_fail_slow", method="simulator", metric="tor", value=r.tor, stderr=r.se, params=p)
+            ctx.log(table="tor_fail_slow", method="closed", metric="tor", params=p,
+                    value=float(tor.fail_slow(600.0, 0.6, 20.0, 12.0, policy)))
     summary = {"n_cycles": s.n_cycles, "validation": validation,
                "max_abs_z": max((abs(v["z"]) for v in validation), default=None), "trace": None}
     if events is not None:
@@ -144,6 +177,8 @@ def _finite(x) -> float | None:
 
 
 def stage_planning(ctx: StageContext) -> None:
+    if not ctx.is_main:   # a few closed forms: the main process alone
+        return
     pc = ctx.cfg.planning
     table = planning.cost_table(pc)
     for row in table:
@@ -176,6 +211,8 @@ def stage_harness(ctx: StageContext) -> None:
     from exp_tor.harness.experiment import run_harness_stage
 
     out = run_harness_stage(ctx.cfg.harness, ctx, ctx.out_dir / "jobs")
+    if not ctx.is_main:   # the jobs were shared out; the main process has every result
+        return
     ctx.save_json("harness.json", out)
     v, o = out["validation"], out["optimum"]
     print(f"[exp_tor] harness: observed TOR {v['observed']:.3f}, closed form {v['closed_form']:.3f}, "
@@ -191,7 +228,8 @@ STAGES = [
           description="Monte Carlo simulator vs the exact closed form; optional trace replay (sim.trace)"),
     Stage("planning", stage_planning, config_keys=("planning",),
           description="training cost table and TOR vs cluster size"),
-    Stage("harness", stage_harness, config_keys=("harness",),
+    # version 2: fail-slow windows drawn on the training clock (version 1 drew them on the job clock)
+    Stage("harness", stage_harness, config_keys=("harness",), version="2",
           description="TOR of real fault-injected training runs (validation job, interval sweep)"),
 ]
 

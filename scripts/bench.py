@@ -3,7 +3,8 @@ the same run and appends rows to the results table. Benchmarks are separate from
 correctness, never speed.
 
 Registered: ``lowp`` (python -m common.lowp.bench), ``eval`` (python -m common.eval_bench: fast
-multiple-choice backend vs lm-eval's HFLM) and every ``exp_*/bench.py`` (named after its folder).
+multiple-choice backend vs lm-eval's HFLM), ``train`` (python -m common.train_bench: common.train vs
+transformers' Trainer tokens/s, curriculum sampler overhead) and every ``exp_*/bench.py`` (named after its folder).
 
     python scripts/bench.py                      # all of them
     python scripts/bench.py --list               # names only
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {"lowp": "common.lowp.bench", "eval": "common.eval_bench"}  # name -> module (python -m)
+# name -> module (python -m)
+MODULES = {"lowp": "common.lowp.bench", "eval": "common.eval_bench", "train": "common.train_bench"}
 
 
 def registered() -> dict[str, list[str]]:

@@ -99,3 +99,32 @@ def test_losses_decrease_on_learnable_task(tmp_path):
     assert res.step == 60 and res.final_loss < 0.05 * res.losses[0]
     assert latest_checkpoint(tmp_path).name == "step_00000060"
     assert len(list(tmp_path.glob("step_*"))) == cfg.keep_checkpoints
+
+
+def test_a_shared_accelerator_checkpoints_only_the_current_run(tmp_path):
+    """Consecutive train() calls on one accelerator (the curriculum study's runs): each checkpoint holds
+    only its own model and optimizer, and a fresh process (a new accelerator) resumes it. Before the fix the
+    k-th run's checkpoint held k models and k progress objects and a fresh accelerator refused it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.train import make_accelerator
+
+    def make_model():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+    def make_data():
+        rows = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(1))
+        return [{"input_ids": r, "labels": r} for r in rows]
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-3, checkpoint_every=2, cpu=True, log_with="none")
+    shared = make_accelerator(cfg)
+    for k in range(3):
+        train(make_model(), make_data(), cfg, tmp_path / f"run{k}", accelerator=shared)
+    last = latest_checkpoint(tmp_path / "run2")
+    weights = [p for p in last.iterdir() if p.name.startswith(("model", "pytorch_model"))]
+    optims = [p for p in last.iterdir() if p.name.startswith("optimizer")]
+    assert len(weights) == 1 and len(optims) == 1, sorted(p.name for p in last.iterdir())
+    longer = TrainConfig(max_steps=6, batch_size=4, lr=1e-3, checkpoint_every=2, cpu=True, log_with="none")
+    res = train(make_model(), make_data(), longer, tmp_path / "run2", accelerator=make_accelerator(longer))
+    assert res.resumed_from == 4 and res.step == 6

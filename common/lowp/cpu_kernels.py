@@ -51,10 +51,12 @@ def _njit(**kw):
 
 @_njit(inline="always")
 def _round_one(b, xf, rb, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits, q_bits, half_q_bits,
-               s1, s2, u_scale, nan_bits):
-    """One element (see reference.round_general, which this mirrors step by step)."""
+               s1, s2, u_scale, nan_bits, no_neg_zero, unsigned):
+    """One element (see reference.round_general, which this mirrors step by step). ``no_neg_zero``: fnuz
+    formats (a zero result is +0); ``unsigned``: e8m0 (no zero: below q gives q; x <= 0 gives NaN)."""
     a = b & abs_mask
     neg = b < 0
+    nonpos = neg | (a == 0)  # x <= 0, before inf/NaN magnitudes are zeroed
     sign = b ^ a  # the sign bit, sign-extended like b (the store truncates to the container width)
     is_nan = a > inf_bits
     is_inf = a == inf_bits
@@ -89,6 +91,8 @@ def _round_one(b, xf, rb, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf
         up = a > 0 and neg
     else:
         up = rb * u_scale < (abs(xf) * s1) * s2  # = |x| / q exactly (see _scale_by_inv_q)
+    if unsigned:
+        up = True
     if a < q_bits:
         mag = q_bits if up else 0 * mag
 
@@ -103,6 +107,10 @@ def _round_one(b, xf, rb, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf
     if is_inf:
         mag = max_bits if ovf == 1 else inf_bits
         make_nan = ovf == 2
+    if no_neg_zero and mag == 0:
+        sign = 0 * sign
+    if unsigned and nonpos:
+        make_nan = True
     out = mag | sign
     if make_nan:
         out = nan_bits
@@ -113,30 +121,30 @@ def _round_one(b, xf, rb, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf
 
 @_njit(cache=True, nogil=True, error_model="numpy")
 def _round_kernel(bits, xf, rnd, out, mode, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits, q_bits,
-                  half_q_bits, s1, s2, u_scale, nan_bits):
+                  half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned):
     # One loop per mode so that the inlined routine sees the mode as a constant (no per-element dispatch);
     # the routine has no early exits, so LLVM if-converts and vectorises each loop.
     n = bits.shape[0]
     if mode == 0:
         for i in range(n):
             out[i] = _round_one(bits[i], 0.0, 0, 0, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits,
-                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits)
+                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned)
     elif mode == 1:
         for i in range(n):
             out[i] = _round_one(bits[i], 0.0, 0, 1, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits,
-                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits)
+                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned)
     elif mode == 2:
         for i in range(n):
             out[i] = _round_one(bits[i], 0.0, 0, 2, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits,
-                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits)
+                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned)
     elif mode == 3:
         for i in range(n):
             out[i] = _round_one(bits[i], 0.0, 0, 3, ovf, abs_mask, mc, r0, emin_field, max_bits, inf_bits,
-                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits)
+                                q_bits, half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned)
     else:
         for i in range(n):
             out[i] = _round_one(bits[i], xf[i], rnd[i], 4, ovf, abs_mask, mc, r0, emin_field, max_bits,
-                                inf_bits, q_bits, half_q_bits, s1, s2, u_scale, nan_bits)
+                                inf_bits, q_bits, half_q_bits, s1, s2, u_scale, nan_bits, no_neg_zero, unsigned)
 
 
 @_njit(inline="always")
@@ -194,7 +202,7 @@ def _kernel_args(fmt: FloatFormat, dtype: torch.dtype, mode: str) -> tuple:
     s1, s2 = _scale_by_inv_q(c["Q"])
     return (MODE_CODES[mode], OVERFLOW_CODES[fmt.overflow], int(torch.iinfo(INT_VIEW[dtype]).max), c["MC"], c["R0"],
             c["EMIN_FIELD"], c["MAX_BITS"], c["INF_BITS"], c["Q_BITS"], c["HALF_Q_BITS"], fdt(s1), fdt(s2),
-            fdt(2.0 ** -c["MC"]), _NAN_BITS[dtype])
+            fdt(2.0 ** -c["MC"]), _NAN_BITS[dtype], not fmt.has_negative_zero, not fmt.signed)
 
 
 def _chunks(n: int) -> list[slice]:

@@ -7,6 +7,13 @@ with subnormals, ``±2^emin · 0.f``. What the top exponent field encodes is ``s
 * ``"fn"``:   finite + NaN only; the top field holds normal numbers except the all-ones mantissa, which is
   NaN (OCP fp8 e4m3fn: max 448).
 * ``"none"``: every encoding is a finite number (OCP fp6 e3m2/e2m3, fp4 e2m1: no inf, no NaN).
+* ``"fnuz"``: finite + NaN, unsigned zero: every exponent field holds numbers, the only NaN is the
+  negative-zero code (0x80), there is no inf and no -0 (a zero result is +0). The AMD/Graphcore fp8
+  formats e4m3fnuz (bias 8, max 240) and e5m2fnuz (bias 16, max 57344).
+* ``"fnu"``: finite + NaN, unsigned, no zero: ``man_bits == 0``, no subnormals, exponent field 0 is the
+  number ``2^-bias`` and the all-ones field is NaN (OCP MX scale e8m0fnu: 2^-127 .. 2^127). Inputs <= 0
+  (-0 included) have no representation and give NaN (as ml_dtypes); positive inputs below the smallest
+  number give it in every rounding mode (there is nothing smaller to round down to).
 
 ``overflow`` says what a result that rounds beyond ``max_normal`` becomes: ``"inf"`` (IEEE; needs
 ``specials="ieee"``), ``"saturate"`` (±max_normal, also for ±inf inputs: NVIDIA ``satfinite``, torch's
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-SPECIALS = ("ieee", "fn", "none")
+SPECIALS = ("ieee", "fn", "none", "fnuz", "fnu")
 OVERFLOWS = ("inf", "saturate", "nan")
 
 
@@ -53,6 +60,9 @@ class FloatFormat:
             raise ValueError(f"format {self.name!r}: overflow='nan' needs a NaN encoding (specials != 'none')")
         if self.specials == "fn" and self.man_bits == 0:
             raise ValueError(f"format {self.name!r}: specials='fn' needs man_bits >= 1")
+        if self.specials == "fnu" and (self.man_bits != 0 or self.subnormals):
+            raise ValueError(f"format {self.name!r}: specials='fnu' (unsigned, no zero: the e8m0 scale layout) "
+                             f"needs man_bits=0 and subnormals=False")
         if self.emax < self.emin:
             raise ValueError(f"format {self.name!r}: empty exponent range (emin={self.emin}, emax={self.emax})")
 
@@ -76,12 +86,14 @@ class FloatFormat:
 
     @property
     def emin(self) -> int:
-        return 1 - self.exponent_bias
+        # "fnu" has no zero/subnormals: field 0 is the number 2^-bias.
+        return -self.exponent_bias if self.specials == "fnu" else 1 - self.exponent_bias
 
     @property
     def emax(self) -> int:
         top = 2**self.exp_bits - 1  # largest exponent field
-        return top - self.exponent_bias - (1 if self.specials == "ieee" else 0)
+        # "ieee" reserves the top field for inf/NaN; "fnu" (no mantissa) gives its one code to NaN.
+        return top - self.exponent_bias - (1 if self.specials in ("ieee", "fnu") else 0)
 
     @property
     def max_normal(self) -> float:
@@ -101,6 +113,16 @@ class FloatFormat:
     @property
     def has_inf(self) -> bool:
         return self.specials == "ieee"
+
+    @property
+    def has_negative_zero(self) -> bool:
+        """False for "fnuz" (its -0 code is the NaN: -0 results become +0) and "fnu" (no zero at all)."""
+        return self.specials not in ("fnuz", "fnu")
+
+    @property
+    def signed(self) -> bool:
+        """False for "fnu" (e8m0: no sign bit, so inputs <= 0 give NaN)."""
+        return self.specials != "fnu"
 
     def fits_in(self, other: FloatFormat) -> bool:
         """Every finite number of ``self`` is a finite number of ``other`` (normal range nested too)."""
@@ -130,6 +152,11 @@ FORMATS: dict[str, FloatFormat] = {f.name: f for f in [
     FloatFormat("fp8_e5m2_sat", 5, 2, overflow="saturate"),
     FloatFormat("fp8_e4m3", 4, 3),                                             # IEEE-like, max 240
     FloatFormat("fp8_e3m4", 3, 4),
+    # fnuz (bias 2^(e-1), NaN = 0x80, no inf, no -0), overflow NaN as the torch and ml_dtypes casts.
+    FloatFormat("fp8_e4m3fnuz", 4, 3, bias=8, specials="fnuz", overflow="nan"),
+    FloatFormat("fp8_e5m2fnuz", 5, 2, bias=16, specials="fnuz", overflow="nan"),
+    # OCP MX block scale: 2^-127 .. 2^127, NaN = 0xFF; overflow NaN as the torch and ml_dtypes casts.
+    FloatFormat("fp8_e8m0fnu", 8, 0, bias=127, subnormals=False, specials="fnu", overflow="nan"),
     FloatFormat("fp6_e3m2", 3, 2, specials="none", overflow="saturate"),
     FloatFormat("fp6_e2m3", 2, 3, specials="none", overflow="saturate"),
     FloatFormat("fp4_e2m1", 2, 1, specials="none", overflow="saturate"),
@@ -138,20 +165,40 @@ FORMATS: dict[str, FloatFormat] = {f.name: f for f in [
     FloatFormat("fp22_e8m13", 8, 13),
 ]}
 
+# Short names with exactly one meaning. "e5m2" is OCP's E5M2 = the IEEE-like preset, which is also what
+# the generic "e<E>m<M>" reading gives.
 ALIASES = {"float64": "fp64", "double": "fp64", "float32": "fp32", "float": "fp32", "bfloat16": "bf16",
-           "float16": "fp16", "half": "fp16", "e4m3fn": "fp8_e4m3fn", "e4m3": "fp8_e4m3fn",
-           "e5m2": "fp8_e5m2", "fp8": "fp8_e4m3fn", "e3m2": "fp6_e3m2", "e2m3": "fp6_e2m3", "e2m1": "fp4_e2m1",
-           "fp4": "fp4_e2m1", "fp22": "fp22_e8m13"}
+           "float16": "fp16", "half": "fp16", "e4m3fn": "fp8_e4m3fn", "e4m3fnuz": "fp8_e4m3fnuz",
+           "e5m2": "fp8_e5m2", "e5m2fnuz": "fp8_e5m2fnuz", "e8m0fnu": "fp8_e8m0fnu", "fp4": "fp4_e2m1",
+           "fp22": "fp22_e8m13"}
+
+# Short names that mean different formats in different places (OCP/torch/ml_dtypes names vs the generic
+# IEEE-like "e<E>m<M>" reading): get_format refuses them and lists the precise names.
+AMBIGUOUS = {
+    "e4m3": "'fp8_e4m3fn' (OCP E4M3: max 448, NaN on overflow as ml_dtypes), 'fp8_e4m3fn_sat' (saturating, "
+            "as torch's CPU cast), 'fp8_e4m3' (IEEE-like with inf: max 240), 'fp8_e4m3fnuz' (bias 8, max 240, "
+            "no inf, no -0)",
+    "fp8": "'fp8_e4m3fn', 'fp8_e4m3fn_sat', 'fp8_e4m3', 'fp8_e4m3fnuz', 'fp8_e5m2', 'fp8_e5m2_sat', "
+           "'fp8_e5m2fnuz', 'fp8_e3m4' or 'fp8_e8m0fnu'",
+    "e3m2": "'fp6_e3m2' (OCP FP6: no inf/NaN, saturating) or (3, 2) (IEEE-like with inf and NaN)",
+    "e2m3": "'fp6_e2m3' (OCP FP6: no inf/NaN, saturating) or (2, 3) (IEEE-like with inf and NaN)",
+    "e2m1": "'fp4_e2m1' (OCP FP4: no inf/NaN, saturating) or (2, 1) (IEEE-like with inf and NaN)",
+    "e8m0": "'fp8_e8m0fnu' (OCP MX scale: unsigned powers of two 2^-127..2^127, NaN) or (8, 0) (IEEE-like: "
+            "signed, zero, inf)",
+}
 
 
 def get_format(spec: str | FloatFormat | tuple[int, int]) -> FloatFormat:
-    """A preset by name (see ``FORMATS``/``ALIASES``), a FloatFormat, ``(exp_bits, man_bits)`` or "e5m10"."""
+    """A preset by name (see ``FORMATS``/``ALIASES``), a FloatFormat, ``(exp_bits, man_bits)`` or "e5m10"
+    (IEEE-like: bias 2^(E-1) - 1, subnormals, inf and NaN). A name in ``AMBIGUOUS`` raises ValueError."""
     if isinstance(spec, FloatFormat):
         return spec
     if isinstance(spec, tuple):
         e, m = spec
         return FloatFormat(f"e{e}m{m}", int(e), int(m))
     if isinstance(spec, str):
+        if spec.lower() in AMBIGUOUS:
+            raise ValueError(f"float format name {spec!r} is ambiguous; use one of {AMBIGUOUS[spec.lower()]}")
         key = ALIASES.get(spec.lower(), spec.lower())
         if key in FORMATS:
             return FORMATS[key]

@@ -13,6 +13,10 @@ below the target ulp, with ``r = Mc - m`` in the normal range and one more per b
 
 Magnitudes below the smallest positive number ``q`` (``min_subnormal``, or ``min_normal`` with subnormals
 off) go to 0 or ``q`` by comparison (RNE: ties to 0, the even one). Overflow follows ``fmt.overflow``.
+Formats without -0 (``specials="fnuz"``) turn zero results into +0; the unsigned e8m0 layout
+(``specials="fnu"``: no zero) gives ``q`` below ``q`` in every mode and NaN for inputs <= 0. With no
+fraction bits (e8m0) both neighbours of an RNE tie have the significand 1: the kept last bit is the
+implicit bit, so ties round up in magnitude (as the torch and ml_dtypes casts do).
 
 The matmul model and its exactness argument are in ``matmul.py``'s docstring. A backend: imports only the
 format/spec layer (``formats.py``, ``spec.py``).
@@ -84,6 +88,8 @@ def round_general(x: torch.Tensor, fmt: FloatFormat, mode: str, rnd: torch.Tenso
         mc = container_format(x.dtype).man_bits
         u = rnd.to(x.dtype) * 2.0**-mc
         up = u < x.abs() / c["Q"]
+    if not fmt.signed:  # no zero (e8m0): (0, q) has only q to go to, in every mode
+        up = torch.ones_like(tiny)
     mag = torch.where(tiny, up.to(it) * c["Q_BITS"], mag)
 
     # Overflow of finite values, then inf inputs, per the format's policy.
@@ -109,6 +115,10 @@ def round_general(x: torch.Tensor, fmt: FloatFormat, mode: str, rnd: torch.Tenso
         inf_mag = c["INF_BITS"]
     mag = torch.where(over, over_mag, mag)
     mag = torch.where(torch.isinf(x), inf_mag, mag)
+    if not fmt.has_negative_zero:  # fnuz: -0 is the NaN code, a zero result is +0
+        sign = torch.where(mag == 0, 0, sign)
+    if not fmt.signed:  # e8m0: no sign and no zero, so x <= 0 (-0, -inf included) is not representable
+        make_nan = make_nan | (x <= 0)
     out = (mag.to(it) | sign).view(x.dtype)
     out = torch.where(make_nan, float("nan"), out)
     return torch.where(torch.isnan(x), x, out)
@@ -151,6 +161,8 @@ def _round_container(x: torch.Tensor, fmt: FloatFormat, mode: str, generator: to
     it = INT_VIEW[x.dtype]
     c = format_constants(fmt, x.dtype)
     rnd = random_bits(x.shape, x.dtype, x.device, generator) if mode == "stochastic" else None
+    if not fmt.signed:  # e8m0 (block scales: small tensors): zero and negatives need the general routine
+        return round_general(x, fmt, mode, rnd)
     bits = x.view(it)
     y = _round_normal(bits, c["R0"], mode, rnd)
     if same_range_ieee(fmt, x.dtype) and mode != "stochastic":  # (SR: same random-bit use as Triton)
@@ -175,6 +187,8 @@ def _round_container(x: torch.Tensor, fmt: FloatFormat, mode: str, generator: to
     if slow.any():
         idx = slow.nonzero(as_tuple=True)
         y[idx] = round_general(x[idx], fmt, mode, None if rnd is None else rnd[idx]).view(it)
+    if not fmt.has_negative_zero:  # fnuz: the fast and fixed-point paths keep the sign of a zero result
+        y.masked_fill_(y == torch.iinfo(it).min, 0)
     return y.view(x.dtype)
 
 

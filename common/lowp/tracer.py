@@ -15,9 +15,11 @@ the tracer records
 * the *forward* error: emulated output vs reference output (all errors accumulated so far), and
 * the *local* error: emulated output vs the same op evaluated exactly on the emulated run's inputs,
 
-per token, normwise (l2 and l-inf relative) and componentwise (max_i |x^_i - x_i| / |x_i|), aggregated as
-mean / quantiles / max over tokens and inputs. With ``capture=True`` it also keeps the reference activations
-(and weights) that ``exp_roundoff.bounds`` needs.
+per token, normwise (l2 and l-inf relative), componentwise (max_i |x^_i - x_i| / |x_i|) and the absolute l-inf
+error (max_i |x^_i - x_i|), aggregated as mean / quantiles / min / max over tokens and inputs, and (kind
+``"reference"``, metric ``"l2"``) each reference token's l2 norm: its minimum is the authors' ``min_token_l2``,
+which says when a relative error is large because the reference token is small. With ``capture=True`` it also
+keeps the reference activations (and weights) that ``exp_roundoff.bounds`` needs.
 
     tracer = Tracer(model, Policy.uniform("bf16", acc="fp32"))
     result = tracer.run(input_ids)           # TraceResult: .rows (list of dicts), .logits_ref, .logits_test
@@ -25,7 +27,7 @@ mean / quantiles / max over tokens and inputs. With ``capture=True`` it also kee
 Public API (``__all__``; README.md in this folder, section "Tracer API"): ``Tracer``, ``TraceResult``,
 ``Policy``, ``OpPrecision``, ``EXACT``, ``Emulator`` (the emulated ops on their own), ``ROLES``, ``QUANTILES``,
 ``LINEAR_ROLES`` (module name -> op kind; extend it for another model family), ``find_layers``,
-``token_errors``, ``safe_div``, ``summarize``.
+``token_errors``, ``token_norms``, ``safe_div``, ``summarize``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from common.lowp.matmul import emulated_matmul
 from common.lowp.quantize import quantize
 
 __all__ = ["EXACT", "LINEAR_ROLES", "QUANTILES", "ROLES", "Emulator", "OpPrecision", "Policy", "TraceResult",
-           "Tracer", "find_layers", "safe_div", "summarize", "token_errors"]
+           "Tracer", "find_layers", "safe_div", "summarize", "token_errors", "token_norms"]
 
 ROLES = ("embed", "qkv", "scores", "softmax", "value", "attn_out", "mlp_up", "act", "mlp_down", "norm",
          "residual", "lm_head")
@@ -154,8 +156,9 @@ class Policy:
 
 # ----------------------------------------------------------------------------------------------- metrics
 def token_errors(ref: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row (last dim = one token's vector) relative errors; non-finite reference entries are ignored
-    (masked attention scores); a zero reference row has error 0 if reproduced exactly, else inf."""
+    """Per-row (last dim = one token's vector) relative errors and the absolute l-inf error ``abs_linf`` (the
+    authors' metric, max_i |x^_i - x_i|); non-finite reference entries are ignored (masked attention scores); a
+    zero reference row has relative error 0 if reproduced exactly, else inf."""
     ref = ref.reshape(-1, ref.shape[-1]).double()
     test = test.reshape(-1, test.shape[-1]).double()
     ok = torch.isfinite(ref)
@@ -166,7 +169,14 @@ def token_errors(ref: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tenso
     linf = safe_div(diff.amax(dim=1), r.amax(dim=1))
     # componentwise: 0 where the reference component is 0 (the authors' convention; ReLU zeros would be inf)
     comp = torch.where(r > 0, diff / r.clamp_min(torch.finfo(torch.float64).tiny), 0.0).amax(dim=1)
-    return {"rel_l2": l2, "rel_linf": linf, "rel_comp": comp}
+    return {"rel_l2": l2, "rel_linf": linf, "rel_comp": comp, "abs_linf": diff.amax(dim=1)}
+
+
+def token_norms(ref: torch.Tensor) -> torch.Tensor:
+    """Per-row l2 norm of the reference (non-finite entries ignored, as in ``token_errors``): the denominator
+    of ``rel_l2``; its minimum over tokens is the authors' ``min_token_l2``."""
+    ref = ref.reshape(-1, ref.shape[-1]).double()
+    return torch.where(torch.isfinite(ref), ref, 0.0).norm(dim=1)
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -180,7 +190,7 @@ def summarize(values: torch.Tensor, quantiles: tuple[float, ...] = QUANTILES) ->
     if v.numel() == 0:
         return {}
     finite = v[torch.isfinite(v)]
-    out = {"mean": float(v.mean()), "max": float(v.max()), "n": int(v.numel())}
+    out = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(v.numel())}
     qs = torch.quantile(finite, torch.tensor(quantiles, dtype=torch.float64)) if finite.numel() else None
     for q, val in zip(quantiles, qs if qs is not None else [math.nan] * len(quantiles)):
         out[f"p{round(q * 100):02d}"] = float(val)
@@ -449,6 +459,8 @@ class Tracer:
                 continue
             for metric, vals in token_errors(base.detach(), test.detach()).items():
                 self._errs[(layer, op, kind, metric)].append(vals.cpu())
+        # the reference's own token norms (not an error): min_token_l2 explains large relative errors
+        self._errs[(layer, op, "reference", "l2")].append(token_norms(ref.detach()).cpu())
 
     def _stat(self, layer: int, name: str, vals: torch.Tensor) -> None:
         self._stats[(layer, name)].append(vals.detach().double().flatten().cpu())

@@ -42,6 +42,10 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def round_constants(fmt: FloatFormat, dtype: torch.dtype, mode: str) -> dict:
+    if not (fmt.has_negative_zero and fmt.signed):
+        # _round keeps the sign of zero and has zero: fnuz/e8m0 results would be silently wrong.
+        raise ValueError(f"the Triton kernels do not model format {fmt} (no -0 or unsigned); use the torch "
+                         f"backend")
     c = format_constants(fmt, dtype)
     return {"MC": c["MC"], "R0": c["R0"], "EMIN_FIELD": c["EMIN_FIELD"], "MAX_BITS": c["MAX_BITS"],
             "INF_BITS": c["INF_BITS"], "Q_BITS": c["Q_BITS"], "HALF_Q_BITS": c["HALF_Q_BITS"], "Q": c["Q"],

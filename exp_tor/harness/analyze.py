@@ -54,7 +54,7 @@ class HarnessAnalysis:
     stages: dict[str, float]            # seconds per stage (useful = T_opt exactly)
     identity_residual: float            # T_obs - (T_opt + save + lost + repair + startup + slow_deficit)
     n_fail_stop: int
-    n_fail_slow: int                    # fail-slow windows that began before the job ended
+    n_fail_slow: int                    # fail-slow windows that began within the training time (uptime)
     n_slow_steps: int                   # surviving steps run inside a window (0: rho not observable)
     delta: float                        # mean blocking checkpoint time (s)
     tau: float                          # healthy compute between checkpoints (s)
@@ -202,7 +202,7 @@ def analyze(run_dir: str | Path, t_step_opt: float | None = None) -> HarnessAnal
     uptime = _uptime(events)
     slow_windows = json.loads((Path(run_dir) / "slow_schedule.json").read_text()) \
         if (Path(run_dir) / "slow_schedule.json").exists() else []
-    slow_hit = [w for w in slow_windows if w["start"] < T_obs]
+    slow_hit = [w for w in slow_windows if w["start"] < uptime]   # windows are on the training clock
     end = [e for e in events if e["event"] == "train_end" and e["attempt"] == final_attempt][-1]
     repair_cost = stages["repair"]
     return HarnessAnalysis(
@@ -248,6 +248,35 @@ def _uptime(events: list[dict]) -> float:
         elif e["event"] in ("fault", "train_end") and began is not None:
             out += e["time"] - began
             began = None
+    return out
+
+
+def training_segments(events: list[dict]) -> list[tuple[float, float, float]]:
+    """(job-clock start, job-clock end, training clock at the start) of each attempt's training, train_begin
+    to its fault or train_end: the map between the training (uptime) clock and the job clock."""
+    job_start = events[0]["time"]
+    out, began, clock = [], None, 0.0
+    for e in events:
+        if e["event"] == "train_begin":
+            began = e["time"]
+        elif e["event"] in ("fault", "train_end") and began is not None:
+            out.append((began - job_start, e["time"] - job_start, clock))
+            clock += e["time"] - began
+            began = None
+    return out
+
+
+def job_clock_windows(events: list[dict], windows: list[dict]) -> list[dict]:
+    """Fail-slow windows drawn on the training clock, as they fell on the job clock: a window cut by a
+    fault continues when the next attempt trains, so it can map to several pieces; windows (or parts)
+    beyond the job's training time are dropped. Each piece: {'start', 'duration', 'rho', 'window'}."""
+    out = []
+    for k, w in enumerate(windows):
+        s0, s1 = float(w["start"]), float(w["start"]) + float(w["duration"])
+        for j0, j1, c in training_segments(events):
+            lo, hi = max(s0, c), min(s1, c + (j1 - j0))
+            if hi > lo:
+                out.append({"start": j0 + lo - c, "duration": hi - lo, "rho": w["rho"], "window": k})
     return out
 
 

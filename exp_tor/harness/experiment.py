@@ -15,7 +15,6 @@ skipped and a changed config gets a fresh folder. Rows go to ``run.log(...)`` (a
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,12 +60,13 @@ def predicted_tor(a: HarnessAnalysis, slow_mtbf_s: float) -> float:
 
 
 def replayed_tor(a: HarnessAnalysis, info: dict) -> float:
-    """The simulator replaying the exact injected fault times with the run's estimated parameters."""
+    """The simulator replaying the exact injected fault times with the run's estimated parameters (the
+    fail-slow windows where they fell on the job clock: drawn on the training clock, see supervisor.py)."""
     from exp_tor import simulate
 
     return simulate.replay_harness(T_opt=a.T_opt, tau=a.tau, delta=a.delta, repair=a.repair,
                                    startup=a.startup, rho=a.rho, fail_stop=info["fail_stop"],
-                                   fail_slow=info["fail_slow"])
+                                   fail_slow=info["fail_slow_job_clock"])
 
 
 def _timeline_events(run_dir: Path, info: dict, t_obs: float) -> list[tuple[float, str, float]]:
@@ -77,19 +77,57 @@ def _timeline_events(run_dir: Path, info: dict, t_obs: float) -> list[tuple[floa
     start = events[0]["time"]
     out = [(float(f["time"]), "fault", 0.0) for f in info["fail_stop"]]
     out += [(e["time"] - start, "checkpoint", 0.0) for e in events if e["event"] == "checkpoint_begin"]
-    out += [(float(w["start"]), "slow", float(w["duration"])) for w in info["fail_slow"] if w["start"] < t_obs]
+    out += [(float(w["start"]), "slow", float(w["duration"])) for w in info["fail_slow_job_clock"]
+            if w["start"] < t_obs]
     return sorted(out)
 
 
-def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | Path) -> dict:
-    """Run the validation job and the interval sweep under ``work_dir``; log their rows; return a summary."""
-    work = Path(work_dir)
-    out: dict = {}
-    vdir = work / "validation"
+def _validation_job(cfg: HarnessStageConfig, vdir: Path) -> dict:
+    """Run and analyse the validation job (on whichever process got it): info, analysis, timeline marks."""
     shutil.rmtree(vdir, ignore_errors=True)
     info = run_job(cfg.job, vdir)
     a = analyze(vdir)
     check_identity(a, cfg.identity_tol)
+    return {"info": info, "analysis": a, "timeline": _timeline_events(vdir, info, a.T_obs)}
+
+
+def _sweep_job(cfg: HarnessStageConfig, work: Path, seed: int, every: int) -> HarnessAnalysis:
+    d = work / f"sweep_seed{seed}_every{every}"
+    shutil.rmtree(d, ignore_errors=True)
+    job = HarnessConfig(**{**asdict(cfg.job), "steps": cfg.sweep_steps, "checkpoint_every": every,
+                           "mtbf_s": cfg.sweep_mtbf_s, "slow_mtbf_s": 0.0, "fault_seed": seed,
+                           "restart": cfg.sweep_restart})
+    run_job(job, d)
+    return analyze(d)
+
+
+def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | Path) -> dict:
+    """Run the validation job and the interval sweep under ``work_dir``; log their rows; return a summary.
+
+    The jobs are independent: under a multi-process launch (``run`` a ``StageContext`` with
+    ``world_size`` > 1) each process runs its share (``exp_tor.distributed.run_shared``) and the main
+    process, which alone logs rows, gets every result; the other processes return ``{}``. A process runs
+    the validation job alone, before its sweep jobs (its timings are the validation measurement), and
+    ``sweep_parallel`` sweep jobs at once. Each finished job prints a line with the elapsed time and an ETA."""
+    from exp_tor.distributed import run_shared, world_of
+
+    work = Path(work_dir)
+    grid = [(seed, every) for seed in cfg.sweep_fault_seeds for every in cfg.sweep_intervals]
+    jobs: list[tuple[int, int] | None] = [None, *grid]     # None = the validation job
+    names = ["validation", *(f"sweep_seed{seed}_every{every}" for seed, every in grid)]
+
+    def one(job: tuple[int, int] | None):
+        return _validation_job(cfg, work / "validation") if job is None else _sweep_job(cfg, work, *job)
+
+    # Each trainer uses one thread, so jobs can share the cores; every job's times are its own measurements.
+    results = run_shared(run, jobs, one, names=names, label="exp_tor harness", parallel=cfg.sweep_parallel,
+                         first_alone=True)
+    rank, world = world_of(run)
+    if rank != 0:
+        return {}
+    val, sweep = results[0], results[1:]
+    info, a = val["info"], val["analysis"]
+    out: dict = {}
     params = {"job": "validation", "checkpoint_every": cfg.job.checkpoint_every, "mtbf_s": cfg.job.mtbf_s,
               "restart": cfg.job.restart}
     _log_analysis(run, "harness_validation", a, params)
@@ -99,28 +137,15 @@ def run_harness_stage(cfg: HarnessStageConfig, run: RowLogger, work_dir: str | P
     run.log(table="harness_validation", method="simulator_replay", metric="tor", value=rep, params=params)
     for t, r in r_timeline(a, 200):
         run.log(table="harness_rt", method="observed", metric="r", value=r, params={"t": round(t, 4)})
-    for t, kind, dur in _timeline_events(vdir, info, a.T_obs):   # marks for the r(t) figure
+    for t, kind, dur in val["timeline"]:   # marks for the r(t) figure
         run.log(table="harness_events", method="injected" if kind != "checkpoint" else "observed",
                 metric="duration_s", value=dur, params={"event": kind, "t": round(t, 4), "job": "validation"})
     out["validation"] = {"observed": a.tor, "closed_form": pred, "replay": rep, **a.to_dict()}
-
-    grid = [(seed, every) for seed in cfg.sweep_fault_seeds for every in cfg.sweep_intervals]
-
-    def sweep_job(seed: int, every: int) -> HarnessAnalysis:
-        d = work / f"sweep_seed{seed}_every{every}"
-        shutil.rmtree(d, ignore_errors=True)
-        job = HarnessConfig(**{**asdict(cfg.job), "steps": cfg.sweep_steps, "checkpoint_every": every,
-                               "mtbf_s": cfg.sweep_mtbf_s, "slow_mtbf_s": 0.0, "fault_seed": seed,
-                               "restart": cfg.sweep_restart})
-        run_job(job, d)
-        return analyze(d)
-
-    # Each trainer uses one thread, so jobs can share the cores; every job's times are its own measurements.
-    with ThreadPoolExecutor(max_workers=cfg.sweep_parallel) as pool:
-        sweep = list(pool.map(lambda se: sweep_job(*se), grid))
     for (seed, every), s in zip(grid, sweep):
         p = {"checkpoint_every": every, "fault_seed": seed, "mtbf_s": cfg.sweep_mtbf_s,
              "restart": cfg.sweep_restart, "parallel": cfg.sweep_parallel}
+        if world > 1:   # W processes ran sweep_parallel jobs each at once: more load on the cores
+            p["processes"] = world
         _log_analysis(run, "harness_interval_sweep", s, p)
         run.log(table="harness_interval_sweep", method="closed_form", metric="tor",
                 value=predicted_tor(s, 0.0), params=p)

@@ -4,7 +4,9 @@ Launched (and relaunched after every injected fail-stop) by ``supervisor.py``. I
 per event to ``<run_dir>/trainer_events.jsonl``: ``train_begin`` (model built, checkpoint loaded),
 ``step_end``, ``checkpoint_begin``/``checkpoint_end``, ``train_end``. Fail-slow faults are injected
 here: during a slow window from ``<run_dir>/slow_schedule.json`` each step is stretched by sleeping
-``(1/rho - 1)`` times its own compute time, so the step rate is exactly ``rho`` of healthy.
+``(1/rho - 1)`` times its own compute time, so the step rate is exactly ``rho`` of healthy. Windows are
+on the training clock: the uptime of earlier attempts (``TOR_TRAIN_CLOCK`` from the supervisor) plus the
+time since this attempt's ``train_begin``.
 
     python -m exp_tor.harness.trainer RUN_DIR   # reads RUN_DIR/harness_config.json
 
@@ -63,7 +65,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def main(run_dir: str, attempt: int | None = None, job_start: float | None = None) -> None:
+def main(run_dir: str, attempt: int | None = None, job_start: float | None = None,
+         train_clock: float | None = None) -> None:
+    """One attempt. ``job_start`` is no longer read (the fail-slow windows are on the training clock,
+    ``train_clock`` = the earlier attempts' uptime); it stays in the signature the supervisor calls."""
     run = Path(run_dir)
     cfg = json.loads((run / "harness_config.json").read_text())
     attempt = int(os.environ.get("TOR_ATTEMPT", "0")) if attempt is None else attempt
@@ -75,10 +80,10 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
     text = load_text(cfg["corpus"])["text"][0]
     dataset = byte_dataset(text, cfg["seq_len"], cfg["n_seqs"])
     schedule = json.loads((run / "slow_schedule.json").read_text()) if (run / "slow_schedule.json").exists() else []
-    if job_start is None:
-        job_start = float(os.environ.get("TOR_JOB_START", time.time()))
+    if train_clock is None:   # training time of the earlier attempts (the fail-slow windows' clock)
+        train_clock = float(os.environ.get("TOR_TRAIN_CLOCK", "0"))
     extra_save_delay = float(cfg.get("extra_checkpoint_delay_s", 0.0))
-    state = {"last": None, "recent": [], "first": True}
+    state = {"last": None, "recent": [], "first": True, "begin": None}
 
     def on_event(event: str, info: dict) -> None:
         if event in ("train_begin", "resume"):
@@ -86,8 +91,8 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
         if event == "step_end":
             now = time.time()
             compute = now - (state["last"] or now)
-            t_rel = now - job_start
-            slow = next((w for w in schedule if w["start"] <= t_rel < w["start"] + w["duration"]), None)
+            t_train = train_clock + (now - (state["begin"] or now))   # the training clock, not the job clock
+            slow = next((w for w in schedule if w["start"] <= t_train < w["start"] + w["duration"]), None)
             if slow is not None:  # fail-slow: this step runs at rho of the healthy rate
                 # healthy step time = median of recent steps (the first step after a (re)start is not typical)
                 typical = statistics.median(state["recent"]) if state["recent"] else compute
@@ -105,7 +110,8 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
             log("checkpoint_end", step=info["step"])
             state["last"] = time.time()
         elif event == "train_begin":
-            log("train_begin", step=info["step"])
+            state["begin"] = time.time()   # the training clock runs from here (analyze's uptime too)
+            log("train_begin", step=info["step"], time=state["begin"], train_clock=train_clock)
 
     tcfg = TrainConfig(max_steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], warmup_steps=10,
                        checkpoint_every=cfg["checkpoint_every"], keep_checkpoints=2, log_every=10**9,
@@ -114,8 +120,15 @@ def main(run_dir: str, attempt: int | None = None, job_start: float | None = Non
     log("train_end", step=res.step, loss=res.final_loss, weights_sha256=weights_sha256(model))
 
 
-def run_attempt(run_dir: str, attempt: int, job_start: float, log_path: str) -> None:
+def run_attempt(run_dir: str, attempt: int, job_start: float, log_path: str, train_clock: float = 0.0) -> None:
     """A warm-restarted attempt: output to the attempt's log file, then ``main``."""
+    from exp_tor.harness.supervisor import without_launch_env
+
+    # the forkserver inherited the supervisor's environment: under a multi-process launch, drop its rank
+    # variables so that this trainer's Accelerator is a single process (a cold attempt gets them dropped too)
+    kept = without_launch_env(dict(os.environ))
+    for k in set(os.environ) - set(kept):
+        del os.environ[k]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -123,7 +136,7 @@ def run_attempt(run_dir: str, attempt: int, job_start: float, log_path: str) -> 
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     # tqdm's default lock is a multiprocessing semaphore, which a SIGKILL would leak; one process needs none
     tqdm.set_lock(threading.RLock())
-    main(run_dir, attempt, job_start)
+    main(run_dir, attempt, job_start, train_clock)
 
 
 if __name__ == "__main__":

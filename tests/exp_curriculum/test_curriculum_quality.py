@@ -54,4 +54,4 @@ def test_diversity_coefficient_tiny_probe(tiny):
     d_same = D.diversity_coefficient(model, same, finetune_epochs=1, micro_batch=4)
     d_mixed = D.diversity_coefficient(model, mixed, finetune_epochs=1, micro_batch=4)
     assert d_same["n_pairs"] == 3 and 0 <= d_same["div_coeff"] < d_mixed["div_coeff"] <= 1
-    assert not any(torch.equal(mixed[0], b) for b in mixed[1:])  # a fresh seed per batch
+    assert not any(torch.equal(mixed[0]["input_ids"], b["input_ids"]) for b in mixed[1:])  # a fresh seed per batch

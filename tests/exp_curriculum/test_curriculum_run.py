@@ -151,18 +151,20 @@ def test_stage_alone_in_fresh_process_then_skip(data_dir, tmp_path, capsys):
 def test_hash_keys_exclude_resources():
     from exp_curriculum.run import STAGES as stage_list
 
+    part1 = ["metrics", "dedup", "decontam", "model_scores", "diversity", "summary"]
     p = Pipeline("exp_curriculum", stage_list)
-    assert p.names[: len(STAGES)] == STAGES and all(n.startswith("study_") for n in p.names[len(STAGES):])
+    assert p.names[: len(part1)] == part1 and all(n.startswith("study_") for n in p.names[len(part1):])
     base = to_dict(Config())
     resources = to_dict(Config(num_proc=7, threads=3, stages=["summary"], outputs_dir="/elsewhere"))
-    assert all(p.key(s, base) == p.key(s, resources) for s in STAGES)
+    assert all(p.key(s, base) == p.key(s, resources) for s in p.names)
     seed = to_dict(Config(seed=1))
-    assert p.key("metrics", seed) == p.key("metrics", base)        # the corpus and metrics have no seed
+    for unseeded in ("metrics", "decontam"):                       # the corpus, its metrics and overlaps
+        assert p.key(unseeded, seed) == p.key(unseeded, base)
     assert all(p.key(s, seed) != p.key(s, base) for s in STAGES[1:])
     cfg = Config()
     cfg.model_scores.enabled = False
     changed = to_dict(cfg)
-    assert [s for s in STAGES if p.key(s, changed) != p.key(s, base)] == ["model_scores", "summary"]
+    assert [s for s in part1 if p.key(s, changed) != p.key(s, base)] == ["model_scores", "summary"]
 
 
 def _leaves(node: dict, prefix: str = ""):

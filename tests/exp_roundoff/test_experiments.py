@@ -23,7 +23,9 @@ def summaries() -> dict:
 
 TINY = [
     "depth.archs=[gpt2,llama]", "depth.depths=[1,2]", "depth.n_inits=1", "depth.precisions=[bf16,fp8_e4m3]",
-    "depth.real_model=none", "depth.d_model=16", "depth.seq_len=8", "depth.batch=1",
+    "depth.real_model=none", "authors.model=none", "depth.d_model=16", "depth.seq_len=8", "depth.batch=1",
+    "estimate.archs=[gpt2]", "estimate.init_stds=[0.02,0.3]", "estimate.depths=[1,2]", "estimate.n_inits=1",
+    "estimate.d_model=16", "estimate.seq_len=8", "estimate.batch=1",
     "meanmedian.n_inits=2", "meanmedian.n_layers=2", "meanmedian.init_gains=[1.0,10.0]",
     "meanmedian.precisions=[bf16]", "meanmedian.seq_len=8",
     "accum.d_model=16", "accum.n_inits=1", "accum.seq_len=8", "accum.block_sizes=[1,0]",
@@ -45,11 +47,11 @@ def test_all_stages_and_figures(tmp_path, monkeypatch):
 
     assert main(["--profile", "quick", *TINY]) == 0
     summary = summaries()
-    assert {"depth", "meanmedian", "accum", "promote", "hyper", "sinks", "train"} <= set(summary)
+    assert {"depth", "estimate", "meanmedian", "accum", "promote", "hyper", "sinks", "train"} <= set(summary)
     df = load_results()
     tables = set(df["table"])
-    assert {"depth", "mean_vs_median", "accumulation", "high_precision_ops", "hyper", "softmax_sinks",
-            "attention_sinks", "mixed_precision_training", "guidelines"} <= tables
+    assert {"depth", "estimate_check", "estimate_range", "mean_vs_median", "accumulation", "high_precision_ops",
+            "hyper", "softmax_sinks", "attention_sinks", "mixed_precision_training", "guidelines"} <= tables
     assert df["value"].notna().all()
     # the bound is reported next to each measurement and exceeds it (first-order worst case)
     depth = df[df["table"] == "depth"]
