@@ -89,7 +89,10 @@ def paired_ci(diffs: Sequence[float], level: float = 0.95, n_resamples: int = 10
 
 def resolved(ci: dict[str, float]) -> str:
     """'better' / 'worse' / 'unresolved' for a difference where negative is better (losses, tokens), by
-    the t-interval (the wider of the two at 3 seeds)."""
+    the t-interval (the wider of the two at 3 seeds); 'censored' when some pairs have no value (a run that
+    never reached the target): dropping them would keep only the arm's good seeds, so no verdict is drawn."""
+    if ci.get("n_missing", 0) > 0:
+        return "censored"
     if not (math.isfinite(ci["t_low"]) and math.isfinite(ci["t_high"])) or ci["n"] < 2:
         return "unresolved"
     if ci["t_high"] < 0:

@@ -23,15 +23,19 @@ LANG_NAMES = {"en": "English", "fr": "French"}
 
 
 def study_rows(df: pd.DataFrame, table: str) -> pd.DataFrame:
-    """One profile's rows of a study table: the first of PROFILE_PREFERENCE present, else the newest."""
+    """One profile's rows of a study table: the first of PROFILE_PREFERENCE present, else the newest; of
+    that profile, the newest run's rows only (a re-tabled study logs rows whose params, e.g. a verdict, may
+    differ from the old ones, so the old rows would not be superseded row by row)."""
     d = df[df["table"] == table] if "table" in df else df.iloc[0:0]
     if d.empty or "profile" not in d:
         return d
-    for p in PROFILE_PREFERENCE:
-        if (d["profile"] == p).any():
-            return d[d["profile"] == p]
-    newest = d.sort_values("start_time")["profile"].iloc[-1]
-    return d[d["profile"] == newest]
+    chosen = next((p for p in PROFILE_PREFERENCE if (d["profile"] == p).any()), None)
+    if chosen is None:
+        chosen = d.sort_values("start_time")["profile"].iloc[-1]
+    d = d[d["profile"] == chosen]
+    if "run_id" in d:
+        d = d[d["run_id"] == d.sort_values(["start_time", "run_id"])["run_id"].iloc[-1]]
+    return d
 
 
 def arm_group(arm: str) -> str:
@@ -158,8 +162,11 @@ def study_speedup(df):
             m = e["value"].reindex(arms).to_numpy(dtype=float)
             lo = e["p.t_low"].reindex(arms).to_numpy(dtype=float)
             hi = e["p.t_high"].reindex(arms).to_numpy(dtype=float)
-            ax.errorbar(m, y + off, xerr=[m - lo, hi - m], fmt="o", ms=3.5, capsize=2,
-                        label=f"eval: {LANG_NAMES.get(ev, ev)}")
+            cens = (e["p.verdict"].reindex(arms) == "censored").to_numpy()
+            line = ax.errorbar(m, y + off, xerr=[m - lo, hi - m], fmt="o", ms=3.5, capsize=2,
+                               label=f"eval: {LANG_NAMES.get(ev, ev)}")
+            ax.scatter(m[cens], (y + off)[cens], s=30, facecolors="white", edgecolors=line[0].get_color(),
+                       zorder=3, label="censored: a seed never reached the target" if k == 0 else None)
         ax.axvline(0.0, color="black", lw=1)
         ax.set_yticks(y, arms, fontsize=7)
         ax.invert_yaxis()

@@ -330,3 +330,5 @@ def test_paired_ci_against_scipy_t_interval():
     assert convergence.resolved(ci) == "unresolved"          # t(2) = 4.30: the interval reaches below 0
     assert convergence.resolved(convergence.paired_ci([0.19, 0.2, 0.21])) == "worse"
     assert convergence.resolved(convergence.paired_ci([-0.19, -0.2, -0.21])) == "better"
+    # a seed that never reached the target: no verdict from the remaining (good) seeds
+    assert convergence.resolved(convergence.paired_ci([-0.19, -0.2, float("nan")])) == "censored"
