@@ -66,7 +66,7 @@ def t_band(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float
 def curve_table(d: pd.DataFrame, language: str, schedule: str) -> pd.DataFrame:
     """Validation-loss points of one language and schedule: arm, seed, tokens, loss."""
     c = d[(d["metric"] == f"val_loss_{language}") & (d["p.schedule"] == schedule)]
-    return pd.DataFrame({"arm": c["method"].to_numpy(), "seed": c["seed"].to_numpy(),
+    return pd.DataFrame({"arm": c["method"].to_numpy(), "seed": c["p.seed"].to_numpy(),   # the run's seed
                          "tokens": c["p.tokens"].astype(float).to_numpy(), "loss": c["value"].to_numpy()})
 
 
@@ -93,7 +93,7 @@ def _curve_figure(df: pd.DataFrame, schedule: str, difference: bool):
         base = t[t["arm"] == "random"].pivot_table(index="tokens", columns="seed", values="loss")
         for j, group in enumerate(GROUPS):
             ax = axes[i, j]
-            arms = sorted(a for a in t["arm"].unique() if arm_group(a) == group)
+            arms = sorted(a for a in t["arm"].unique() if a != "random" and arm_group(a) == group)
             if difference:
                 ax.axhline(0.0, color="black", lw=1, label="random")
             else:
@@ -116,7 +116,7 @@ def _curve_figure(df: pd.DataFrame, schedule: str, difference: bool):
                 ax.set_ylim(top=np.nanpercentile(t["loss"], 75))   # the early, steep part would flatten the rest
             ax.legend(fontsize=6.5, loc="upper right")
             ax.grid(alpha=0.3)
-    seeds = d["seed"].nunique()
+    seeds = d["p.seed"].nunique()
     fig.suptitle(f"{schedule} LR, mean over {seeds} seed(s), band = t-interval (ninety-five percent)"
                  + (" of the paired difference" if difference else ""), fontsize=10)
     fig.tight_layout()
@@ -173,7 +173,7 @@ def study_speedup(df):
         ax.set_xlabel("speed-up = 1 - tokens_arm / tokens_random (to random's smoothed final loss)")
         ax.set_title(f"{schedule} LR", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 

@@ -193,7 +193,8 @@ def test_synthetic_rows_give_expected_tables_and_deck_entries(tmp_path):
     assert "(#table-exp_roundoff-mixed_precision_training)" in lines["mixed_precision"]
     for key in ("d4", "curriculum", "diversity", "askllm", "info_density"):
         assert "not yet reproduced" in lines[key], key
-    assert "issue #15" in lines["d4"] and "issue #15" in lines["curriculum"]
+    # without study rows the deck names the study table and figures still to come
+    assert "Curriculum study" in lines["d4"] and "Curriculum study" in lines["curriculum"]
     assert "Toy table (exp_toy_report): no rows yet" in lines["d4"]
     # the deck's order is kept
     order = [deck.index(lines[item.key]) for item in DECK]
