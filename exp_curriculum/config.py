@@ -32,6 +32,8 @@ class ModelScoreConfig:
     docs_per_language: int = 32            # ASK-LLM + perplexity are scored on a seeded sample
     max_doc_tokens: int = 192
     batch_size: int = 4
+    planted_docs: int = 8                  # per language: encyclopedia documents + as many planted bad ones
+    #                                        (does raw or normalised ASK-LLM rank them right?); 0 = off
 
 
 @dataclass

@@ -103,6 +103,43 @@ def normalised_yes(p_yes: np.ndarray, p_no: np.ndarray) -> np.ndarray:
     return np.divide(p_yes, total, out=np.full_like(total, 0.5), where=total > 0)
 
 
+MARKUP = ("<div class=\"nav\"><ul><li><a href=\"/home\">Home</a></li><li><a href=\"/login\">Login</a></li>"
+          "</ul></div> var x=function(a){return a&&a.b||{}}; $(document).ready(function(){init();}); ")
+
+
+def planted_documents(good: list[str], seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``good`` documents (label 1) and as many bad ones made from them (label 0), cycling through four
+    kinds a quality score should rank below prose: word salad (the document's words shuffled), letter noise
+    (random lowercase letters and spaces, same length), one phrase repeated, and markup/script boilerplate."""
+    rng = np.random.default_rng(seed)
+    bad = []
+    for i, text in enumerate(good):
+        words = text.split()
+        kind = i % 4
+        if kind == 0:
+            bad.append(" ".join(rng.permutation(words)))
+        elif kind == 1:
+            letters = rng.choice(list("abcdefghijklmnopqrstuvwxyz     "), size=len(text))
+            bad.append("".join(letters))
+        elif kind == 2:
+            bad.append(" ".join((words[:5] or ["the"]) * max(1, len(words) // 5)))
+        else:
+            bad.append((MARKUP * (1 + len(text) // len(MARKUP)))[: len(text)])
+    return list(good) + bad, np.array([1] * len(good) + [0] * len(bad))
+
+
+def pairwise_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Share of (good, bad) pairs that the score orders correctly, ties counting one half (= ROC AUC, the
+    Mann-Whitney U statistic over n_good x n_bad)."""
+    from scipy.stats import mannwhitneyu
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    good, bad = scores[labels == 1], scores[labels == 0]
+    if not len(good) or not len(bad):
+        raise ValueError("pairwise_accuracy needs at least one good and one bad document")
+    return float(mannwhitneyu(good, bad).statistic / (len(good) * len(bad)))
+
+
 def kernel_density(emb: np.ndarray, bandwidth: float = 0.5, chunk: int = 1024) -> np.ndarray:
     """Mean Gaussian kernel similarity of each (L2-normalised) embedding to all embeddings, itself included."""
     if bandwidth <= 0:

@@ -35,7 +35,15 @@ from exp_curriculum.corpus import load_corpus
 from exp_curriculum.decontam_stage import stage_decontam
 from exp_curriculum.diversity import diversity_coefficient, make_batches, sample_documents
 from exp_curriculum.metrics import perplexity, score_dataset
-from exp_curriculum.quality import askllm_scores, density_sample, kernel_density
+from exp_curriculum.quality import (
+    askllm_probs,
+    askllm_scores,
+    density_sample,
+    kernel_density,
+    normalised_yes,
+    pairwise_accuracy,
+    planted_documents,
+)
 from exp_curriculum.selection import d4, minhash_dedup, semdedup
 from exp_curriculum.study_stages import STAGES as STUDY_STAGES
 
@@ -238,9 +246,39 @@ def stage_model_scores(ctx: StageContext) -> None:
         out.to_parquet(ctx.path("model_scores.parquet"))
         info["n_scored"] = len(idx)
         print(f"model_scores: ASK-LLM + perplexity on {len(idx)} documents")
+        if cfg.model_scores.planted_docs > 0:
+            info["planted"] = planted_ranking(ctx, df, cfg)
     else:
         print("model_scores: disabled (model_scores.enabled=false)")
     ctx.save_json("model_scores.json", {**info, "seconds": time.perf_counter() - t0})
+
+
+def planted_ranking(ctx: StageContext, df: pd.DataFrame, cfg: Config) -> dict[str, dict[str, float]]:
+    """Raw P(yes) vs the normalised P(yes)/(P(yes)+P(no)) on planted documents: per language, a seeded sample
+    of encyclopedia documents (all genres when there are none) and bad ones made from them; rows
+    curriculum_askllm_planted (pairwise accuracy = the share of (good, bad) pairs ranked right)."""
+    from common.models import load_causal_lm
+
+    m = cfg.model_scores
+    model, tok = load_causal_lm(m.model)
+    out = {}
+    meta = read_parquet(ctx, "metrics", "metrics.parquet", columns=["genre"])
+    for lang in sorted(df["language"].unique()):
+        pool = np.flatnonzero((df["language"] == lang).to_numpy() & (meta["genre"] == "encyclopedia").to_numpy())
+        if not len(pool):
+            pool = np.flatnonzero((df["language"] == lang).to_numpy())
+        pick = np.random.default_rng([cfg.seed, 7]).permutation(pool)[: m.planted_docs]
+        texts, labels = planted_documents(df["text"].iloc[np.sort(pick)].tolist(), cfg.seed)
+        p_yes, p_no = askllm_probs(model, tok, texts, m.batch_size, m.max_doc_tokens)
+        scores = {"askllm": p_yes, "askllm_norm": normalised_yes(p_yes, p_no)}
+        out[lang] = {k: pairwise_accuracy(v, labels) for k, v in scores.items()}
+        for k, acc in out[lang].items():
+            ctx.log(table="curriculum_askllm_planted", method=k, metric="pairwise_accuracy", value=acc,
+                    n=int(labels.sum() * (1 - labels).sum()),
+                    params={"language": lang, "n_good": int(labels.sum()), "model": m.model})
+        print(f"model_scores: planted good/bad ({lang}): pairwise accuracy raw P(yes) {out[lang]['askllm']:.3f}, "
+              f"normalised {out[lang]['askllm_norm']:.3f}")
+    return out
 
 
 def stage_diversity(ctx: StageContext) -> None:
