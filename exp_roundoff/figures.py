@@ -307,10 +307,20 @@ def guidelines(df: pd.DataFrame):
     if t.empty:
         return None
     style()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(t) + 1))
-    ax.barh(t["method"], t["value"])
+    share = t["method"].str.startswith("bf16_error_share_")   # these rows are shares of the error, not ratios
+    ratios, shares = t[~share], t[share]
+    fig, axes = plt.subplots(1, 2 if len(shares) else 1, squeeze=False,
+                             figsize=(12 if len(shares) else 7, 0.35 * max(len(ratios), len(shares)) + 1.2))
+    ax = axes[0, 0]
+    ax.barh(ratios["method"], ratios["value"])
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="evidence ratio (>1: the guideline reduces the error)", title="guidelines")
+    if len(shares):
+        ax = axes[0, 1]
+        ax.barh(shares["method"].str.replace("bf16_error_share_", "", regex=False), shares["value"])
+        ax.set(xlabel="logits error with only this group in bf16 / with everything in bf16",
+               title="where the bf16 error comes from")
+    fig.tight_layout()
     return fig
 
 
