@@ -504,3 +504,38 @@ def table_guidelines(rows):
         return None
     return long(t, {"guideline": "method", "evidence": "p.evidence"}, value="ratio"), t
 
+
+
+@register_figure("authors_sweep", experiment=EXP, sources="authors_sweep",
+                 title="Authors' sweep: one GEMM's accumulator rounded to p bits, error at the last block's output")
+def authors_sweep(df: pd.DataFrame):
+    t = _latest(df, "authors_sweep")
+    if t.empty:
+        return None
+    t = t[(t["p.resid_kind"] == "none") & (t["p.point"] == "block_out")]
+    t = t[t["p.layer"] == t["p.layer"].max()]
+    refs = [r for r in ("fp64", "fp32") if (t["p.reference"] == r).any()]
+    modes = [m for m in ("strict", "efficient") if (t["p.mode"] == m).any()]
+    if not refs or not modes:
+        return None
+    style()
+    fig, axes = plt.subplots(len(refs), len(modes), figsize=(5.5 * len(modes), 3.6 * len(refs)), squeeze=False,
+                             sharex=True)
+    for i, ref in enumerate(refs):
+        for j, mode in enumerate(modes):
+            ax = axes[i, j]
+            g = t[(t["p.reference"] == ref) & (t["p.mode"] == mode)]
+            for target, h in g.groupby("method"):
+                # exact zeros (the fp32 reference at p = 23) cannot sit on a log axis: not drawn
+                mid = h[(h["metric"] == "rel_linf_p50") & (h["value"] > 0)].sort_values("p.p")
+                hi = h[(h["metric"] == "rel_linf_p99") & (h["value"] > 0)].sort_values("p.p")
+                line = ax.plot(mid["p.p"], mid["value"], marker="o", ms=3, label=target)[0]
+                ax.plot(hi["p.p"], hi["value"], ls=":", color=line.get_color())
+            zero = " (exact zeros not drawn)" if (g["value"] == 0).any() else ""
+            ax.set(yscale="log", title=f"{mode} accumulation, against the {ref} model{zero}",
+                   ylabel="rel_linf per token (solid p50, dotted p99)" if j == 0 else None)
+            if i == len(refs) - 1:
+                ax.set_xlabel("mantissa bits p of the rounded GEMM accumulator")
+            ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    return fig
