@@ -290,6 +290,15 @@ def test_stage_rows_on_a_tiny_model(monkeypatch):
     assert zero and all(v == 0.0 for v in zero)
     assert all(r["value"] > 0 for r in ctx.rows if r["params"]["reference"] == "fp64" and r["metric"].endswith("p50"))
     assert summary and "authors_sweep" in STAGES
+    # the report's figure draws from these rows (the params expanded as results.csv's loader does)
+    import matplotlib.figure
+    import pandas as pd
+
+    from exp_roundoff.figures import authors_sweep
+
+    rows = pd.DataFrame([{"table": "authors_sweep", "run_id": "r", "method": r["method"], "metric": r["metric"],
+                          "value": r["value"], **{f"p.{k}": v for k, v in r["params"].items()}} for r in ctx.rows])
+    assert isinstance(authors_sweep(rows), matplotlib.figure.Figure)
 
 
 def test_stage_summary_loads_and_missing_data_skips(monkeypatch, tmp_path):
