@@ -46,3 +46,15 @@ def subprocess_env(**extra: str) -> dict:
     env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra)
     return env
+
+
+def rows_with_world(root: Path) -> list[dict]:
+    """Every row of the results table under ``root / "results"``, each with its run's world size (``_world``,
+    from the run manifest): multi-process tests assert that the rows came from the world they launched."""
+    from common.results import read_run, run_dirs
+
+    out = []
+    for d in run_dirs(root / "results"):
+        manifest, rows = read_run(d)
+        out += [{**r, "_world": manifest.get("world_size")} for r in rows]
+    return out

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.results import read_run, run_dirs
-from tests.conftest import subprocess_env
+from tests.conftest import rows_with_world, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "exp_curriculum" / "run.py"
@@ -77,14 +76,6 @@ def _runs(root: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in folders[0].glob("*.json")}
 
 
-def _rows(root: Path) -> list[dict]:
-    out = []
-    for d in run_dirs(root / "results"):
-        manifest, rows = read_run(d)
-        out += [{**r, "_world": manifest.get("world_size")} for r in rows]
-    return out
-
-
 def _curves(runs: dict[str, dict]) -> dict[str, np.ndarray]:
     return {n: np.array([[p["val_en"], p["val_fr"]] for p in r["curve"]]) for n, r in runs.items()}
 
@@ -102,7 +93,7 @@ def test_every_study_stage_runs_and_logs_rows(first):
     # 5 arms x 2 seeds under constant, random + the one wsd arm x 2 seeds under wsd
     assert len(runs) == 14 and {r["steps"] for r in runs.values()} == {16}
     assert all(len(r["curve"]) == 5 and r["curve"][0]["step"] == 0 for r in runs.values())  # 0, 4, ..., 16
-    rows = _rows(first)
+    rows = rows_with_world(first)
     tables = {r["table"] for r in rows}
     assert {"curriculum_curves", "curriculum_convergence", "curriculum_speedup", "curriculum_study_data"} <= tables
     curves = [r for r in rows if r["table"] == "curriculum_curves" and r["metric"] == "val_loss_en"]
@@ -151,7 +142,7 @@ def test_two_process_launch_gives_the_one_process_curves(first, corpus, tmp_path
                 launcher=[str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = _rows(tmp_path)
+    rows = rows_with_world(tmp_path)
     assert rows and {r["_world"] for r in rows} == {2}, "not a 2-process world"
     one, two = _runs(first), _runs(tmp_path)
     assert one.keys() == two.keys() and all(r["world_size"] == 2 for r in two.values())
@@ -160,7 +151,7 @@ def test_two_process_launch_gives_the_one_process_curves(first, corpus, tmp_path
     for n in one:
         assert np.allclose(_curves(one)[n], _curves(two)[n], rtol=2e-3), n
     n_curve_rows = [r for r in rows if r["table"] == "curriculum_curves"]
-    assert len(n_curve_rows) == len([r for r in _rows(first) if r["table"] == "curriculum_curves"])
+    assert len(n_curve_rows) == len([r for r in rows_with_world(first) if r["table"] == "curriculum_curves"])
 
 
 def test_run_claims_are_exclusive_and_released_by_dead_claimants(tmp_path):

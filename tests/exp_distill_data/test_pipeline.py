@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from common.results import read_run, run_dirs
-from tests.conftest import subprocess_env
+from tests.conftest import rows_with_world, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "exp_distill_data" / "run.py"
@@ -49,14 +48,6 @@ def _env(root: Path) -> dict:
     return subprocess_env(LLM4ALL_RESULTS=str(root / "results"), LLM4ALL_OUTPUTS=str(root / "outputs"))
 
 
-def _rows(root: Path) -> list[dict]:
-    out = []
-    for d in run_dirs(root / "results"):
-        manifest, rows = read_run(d)
-        out += [{**r, "_world": manifest.get("world_size")} for r in rows]
-    return out
-
-
 def _key(r: dict) -> tuple:
     return (r["table"], r["method"], r["metric"], json.dumps(r.get("params") or {}, sort_keys=True))
 
@@ -80,7 +71,7 @@ def reference(tmp_path_factory, data_root) -> Path:
 
 
 def test_every_stage_writes_rows(reference):
-    rows = _rows(reference)
+    rows = rows_with_world(reference)
     tables = {r["table"] for r in rows}
     assert {"distill_decontam", "distill_data", "source_pretrain", "distill_less", "distill_train", "distill_main",
             "distill_summary", "stage_time"} <= tables, tables
@@ -103,7 +94,7 @@ def test_every_stage_writes_rows(reference):
 
 
 def test_summary_matches_the_per_run_rows(reference):
-    rows = _rows(reference)
+    rows = rows_with_world(reference)
     per: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in rows:
         if r["table"] == "distill_main" and r["metric"] == "acc":
@@ -190,13 +181,13 @@ def test_sigkill_in_each_stage_resumes_without_redoing_work(reference, tmp_path)
     assert fin.returncode == 0, fin.stderr[-3000:]
     tables = ("distill_main", "distill_summary", "distill_train", "distill_less", "source_pretrain", "distill_data",
               "distill_experts", "distill_projection")
-    want, got = _values(_rows(reference), tables), _values(_rows(tmp_path), tables)
+    want, got = _values(rows_with_world(reference), tables), _values(rows_with_world(tmp_path), tables)
     assert got.keys() == want.keys()
     bad = {k: (got[k], want[k]) for k in want if got[k] != pytest.approx(want[k], rel=1e-6, abs=1e-9)}
     assert not bad, list(bad.items())[:5]
     # the resumed distillations are the uninterrupted ones (their timings aside)
     match = [{k: v for k, v in _values(rows, ("distill_match",)).items() if k[2] != "seconds"}
-             for rows in (_rows(reference), _rows(tmp_path))]
+             for rows in (rows_with_world(reference), rows_with_world(tmp_path))]
     assert match[0] and match[0] == match[1]
 
 
@@ -208,11 +199,11 @@ def test_two_process_launch_gives_the_one_process_rows(reference, tmp_path):
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(RUN), *TINY],
                           env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = _rows(tmp_path)
+    rows = rows_with_world(tmp_path)
     assert {r["_world"] for r in rows} == {2}, "not a 2-process world"
     assert "(rank 1)" in proc.stdout + proc.stderr     # evaluation jobs were shared out
     tables = ("distill_main",)
-    want, got = _values(_rows(reference), tables), _values(rows, tables)
+    want, got = _values(rows_with_world(reference), tables), _values(rows, tables)
     assert got.keys() == want.keys()
     # DDP averages per-process mean losses (the 1-process loss is the mean over the global batch's answer
     # tokens), so fine-tuned weights differ in the last bits; accuracies on 8 questions move by <= 1 question
