@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
+
 from common.lowp import FloatFormat
 
 
@@ -81,3 +83,19 @@ def edge_values(fmt: FloatFormat, rng, n_random: int = 600, dtype_bits: int = 24
         out.append(float(2.0**e * rng.uniform(1, 2)))
     sign = rng.choice([-1.0, 1.0], size=len(out))
     return [float(s * v) for s, v in zip(sign, out)] + out[:8]
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise: identical bit patterns (so +0 != -0), or both NaN."""
+    a, b = np.asarray(a), np.asarray(b)
+    it = np.int64 if a.dtype == np.float64 else np.int32
+    return (a.view(it) == b.view(it)) | (np.isnan(a) & np.isnan(b))
+
+
+def assert_same(got: np.ndarray, want: np.ndarray, x: np.ndarray, what: str) -> None:
+    """Bit-identical results, or an error naming the first mismatching inputs."""
+    ok = same_bits(got, want)
+    if not ok.all():
+        i = np.where(~ok)[0][:8]
+        raise AssertionError(f"{what}: {int((~ok).sum())} mismatches; x={x[i].tolist()} got={got[i].tolist()} "
+                             f"want={want[i].tolist()}")

@@ -16,7 +16,7 @@ import torch
 
 from common.lowp import FORMATS, FloatFormat, get_format, quantize
 from common.lowp.reference import quantize_torch, round_general
-from tests.lowp.lowp_oracle import round_exact
+from tests.lowp.lowp_oracle import assert_same, round_exact, same_bits
 
 NEW = ["fp8_e4m3fnuz", "fp8_e5m2fnuz", "fp8_e8m0fnu"]
 ML = {"fp8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz, "fp8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
@@ -26,21 +26,6 @@ TORCH = {"fp8_e4m3fnuz": torch.float8_e4m3fnuz, "fp8_e5m2fnuz": torch.float8_e5m
 MODES = ["rne", "rz", "ru", "rd"]
 BACKENDS = ["torch", "numba"]
 Q_E8M0 = 2.0**-127
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Elementwise: identical bit patterns (so +0 != -0), or both NaN."""
-    a, b = np.asarray(a), np.asarray(b)
-    it = np.int64 if a.dtype == np.float64 else np.int32
-    return (a.view(it) == b.view(it)) | (np.isnan(a) & np.isnan(b))
-
-
-def assert_same(got: np.ndarray, want: np.ndarray, x: np.ndarray, what: str) -> None:
-    ok = same_bits(got, want)
-    if not ok.all():
-        i = np.where(~ok)[0][:8]
-        raise AssertionError(f"{what}: {int((~ok).sum())} mismatches; x={x[i].tolist()} got={got[i].tolist()} "
-                             f"want={want[i].tolist()}")
 
 
 def decode(code: int, name: str) -> float:

@@ -12,7 +12,7 @@ import torch
 
 from common.lowp import FORMATS, FloatFormat, get_format, quantize
 from common.lowp.reference import round_general
-from tests.lowp.lowp_oracle import edge_values, round_exact
+from tests.lowp.lowp_oracle import assert_same, edge_values, round_exact, same_bits
 
 ML_DTYPES = {
     "bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp8_e4m3fn": ml_dtypes.float8_e4m3fn,
@@ -22,21 +22,6 @@ ML_DTYPES = {
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn_sat": torch.float8_e4m3fn,
                 "fp8_e5m2": torch.float8_e5m2}
 MODES = ["rne", "rz", "ru", "rd"]
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Elementwise: identical bit patterns, or both NaN."""
-    a, b = np.asarray(a), np.asarray(b)
-    it = np.int64 if a.dtype == np.float64 else np.int32
-    return (a.view(it) == b.view(it)) | (np.isnan(a) & np.isnan(b))
-
-
-def assert_same(got: np.ndarray, want: np.ndarray, x: np.ndarray, what: str) -> None:
-    ok = same_bits(got, want)
-    if not ok.all():
-        i = np.where(~ok)[0][:8]
-        raise AssertionError(f"{what}: {int((~ok).sum())} mismatches; x={x[i].tolist()} got={got[i].tolist()} "
-                             f"want={want[i].tolist()}")
 
 
 def edge_array(fmt: FloatFormat, dtype=np.float32, seed: int = 0) -> np.ndarray:
