@@ -66,6 +66,27 @@ class StageInputError(RuntimeError):
     """A stage asked for an input that is not on disk for the current config."""
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux >= 4.0: ``5`` into clear_refs), so that
+    the next ``peak_rss_mib`` is one stage's peak, not the whole process's; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float | None:
+    """VmHWM of this process in MiB (the peak resident set since start or the last ``reset_peak_rss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of an experiment.
@@ -307,13 +328,19 @@ class Pipeline:
                 log(f"{prefix}: {why}: running it")
             else:
                 log(f"{prefix}: running -> {shown}")
+            peak_known = reset_peak_rss()
             t0 = time.perf_counter()
             self._run_one(st, cfg, cfg_dict, run, final, world)
             seconds = time.perf_counter() - t0
-            log(f"{prefix}: done in {seconds:.1f} s")
+            peak = peak_rss_mib() if peak_known else None
+            log(f"{prefix}: done in {seconds:.1f} s" + (f", peak RSS {peak:.0f} MiB" if peak else ""))
             report[name] = {"status": "ran", "dir": rel, "seconds": round(seconds, 3)}
+            if peak:
+                report[name]["peak_rss_mib"] = round(peak, 1)
             if world.is_main:
                 run.log(table="stage_time", method=name, metric="seconds", value=seconds)
+                if peak:  # the main process's own high-water mark during this stage
+                    run.log(table="stage_time", method=name, metric="peak_rss_mib", value=peak)
         return report
 
     def _input_dirs(self, st: Stage, cfg: Any, cfg_dict: dict) -> dict[str, Path | None]:

@@ -147,10 +147,12 @@ def _per_method(t: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 @register_table("distill_match", EXP, "Trajectory matching: the normalised matching loss at the first and last "
                 "outer iterations, the learnt inner rate, time per synthetic set",
                 note="One row per synthetic set. matching = ‖θ̂_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² at a random expert "
-                     "start (1 = no better than staying at the start); last10 = mean of the last ten iterations.")
+                     "start (1 = no better than staying at the start); first10 / last10 = mean of the first / last ten "
+                     "iterations (each iteration draws its own start, so one iteration alone is one draw).")
 def table_match(rows):
     t = select(rows, "distill_match", needs=("p.distiller", "p.budget", "p.seed"))
-    return _per_method(t, ["matching_first", "matching_last10_mean", "inner_lr", "seconds", "skipped_starts"])
+    return _per_method(t, ["matching_first", "matching_first10_mean", "matching_last10_mean", "inner_lr", "seconds",
+                           "skipped_starts"])
 
 
 @register_table("distill_projection", EXP, "Projection to tokens: distance of the learnt prompt vectors to their "
@@ -172,11 +174,14 @@ COST_STAGES = {"less_warmup": "LESS selection", "less_features": "LESS selection
 
 
 @register_table("distill_cost", EXP, "Cost per stage of the committed small profile: LESS's selection, "
-                "distillation (experts + trajectory matching + projection), fine-tuning",
+                "distillation (experts + trajectory matching + projection), fine-tuning; and per run: one full-data "
+                "fine-tune, one distilled set, one fine-tune on a selected or distilled subset",
                 sources="stage_time",
-                note="Wall seconds of each stage in the run that computed it (the threads of the run's config; "
-                     "the device column of results.csv names the CPU). Peak memory of one outer iteration vs N is "
-                     "in the distill_bench_tm rows.")
+                note="Wall seconds in the run that computed each stage (the threads of the run's config; the device "
+                     "column of results.csv names the CPU); peak RSS = the main process's resident high-water mark "
+                     "during the stage (or the distillation job), where the run logged it. Per-run lines: the slowest "
+                     "run and the highest peak among the runs of that kind in the latest run that logged them "
+                     "(distill_run_time rows).")
 def table_cost(rows):
     t = select(rows, "stage_time")
     if t.empty or "profile" not in t:
@@ -184,10 +189,40 @@ def table_cost(rows):
     t = t[(t["experiment"] == EXP) & (t["profile"] == "small") & t["method"].isin(list(COST_STAGES))]
     if t.empty:
         return None
-    t = t.sort_values("end_time").groupby("method").tail(1)   # the latest run of each stage
-    out = pd.DataFrame({"stage": t["method"], "part of": t["method"].map(COST_STAGES),
-                        "wall seconds": t["value"], "run": t["run_id"]})
-    return out.sort_values(["part of", "stage"]).reset_index(drop=True)
+    secs = t[t["metric"] == "seconds"].sort_values("end_time").groupby("method").tail(1)   # latest run per stage
+    peak = t[t["metric"] == "peak_rss_mib"].set_index(["run_id", "method"])["value"]
+    out = pd.DataFrame({"item": secs["method"], "part of": secs["method"].map(COST_STAGES),
+                        "wall seconds": secs["value"],
+                        "peak RSS MiB": [peak.get((r, m)) for r, m in zip(secs["run_id"], secs["method"])],
+                        "runs": 1, "run": secs["run_id"]})
+    out = pd.concat([out.sort_values(["part of", "item"]), _per_run_cost(rows)], ignore_index=True)
+    return out.reset_index(drop=True)
+
+
+def _per_run_cost(rows) -> pd.DataFrame:
+    """One line per kind of run (stage, method, model) of the latest small run with distill_run_time rows."""
+    t = select(rows, "distill_run_time", needs=("p.stage",))
+    if t.empty or "profile" not in t:
+        return pd.DataFrame()
+    t = t[t["profile"] == "small"]
+    if t.empty:
+        return pd.DataFrame()
+    t = t[t["run_id"] == t.sort_values("end_time")["run_id"].iloc[-1]]
+    t = t[~t["method"].str.contains("[", regex=False)].copy()   # the ablations' sets cost as "ours" does
+    model = t["p.trainer"] if "p.trainer" in t else pd.Series("", index=t.index)
+    if "p.distiller" in t:
+        model = model.fillna(t["p.distiller"])
+    t["model"] = model.fillna("")
+    t["kind"] = t["p.stage"] + ": " + t["method"].map(lambda m: "full-data fine-tune" if m == "full" else m)
+    out = []
+    for (kind, m), g in t.groupby(["kind", "model"], sort=True):
+        s, pk = g[g["metric"] == "seconds"]["value"], g[g["metric"] == "peak_rss_mib"]["value"]
+        n = max(len(s), len(pk))
+        out.append({"item": f"{kind} ({m}), one run", "part of": "per run",
+                    "wall seconds": s.max() if len(s) else None,
+                    "peak RSS MiB": pk.max() if len(pk) else None, "runs": n,
+                    "run": g["run_id"].iloc[0]})
+    return pd.DataFrame(out)
 
 
 @register_table("distill_bench_tm", EXP, "Trajectory matching: one outer iteration vs N ordinary fine-tuning steps "

@@ -25,14 +25,13 @@ import math
 import os
 import random
 import re
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.stages import Stage, StageContext, run_experiment
+from common.stages import Stage, StageContext, peak_rss_mib, reset_peak_rss, run_experiment
 from exp_distill_data.config import OFFLINE_SOURCE, Config, parse_ablation
 
 EXP = "exp_distill_data"
@@ -370,17 +369,22 @@ def stage_train(ctx: StageContext) -> None:
             examples = subset_for(r, pool, selection)
             print(f"[{EXP}] train {i}/{len(runs)} {r['name']}: {len(examples)} examples", flush=True)
             model, tok = load_model(r["trainer"], ctx)
+            t0 = time.perf_counter()
             res = finetune(model, tok, examples, sft_config(cfg, r["seed"], len(examples), ctx.world_size),
                            folder / "train")
-            if ctx.is_main:
+            if ctx.is_main:  # seconds: of the attempt that finished (a resumed run's are since its resume)
                 atomic_write_text(folder / "train.json", json.dumps(
-                    {"steps": res.step, "final_loss": res.final_loss, "examples": len(examples)}))
+                    {"steps": res.step, "final_loss": res.final_loss, "examples": len(examples),
+                     "seconds": time.perf_counter() - t0, "resumed": res.resumed_from is not None}))
                 save_trainable(res.model, folder / "adapter.safetensors")   # atomic
             ctx.barrier()  # the adapter exists for every process before the next run's check
         info = json.loads((folder / "train.json").read_text(encoding="utf-8"))
+        p = {"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"], "selector": r["selector"]}
         ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
-                n=info["examples"], params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
-                                            "selector": r["selector"]})
+                n=info["examples"], params=p)
+        if "seconds" in info and not info.get("resumed"):  # the cost table's fine-tuning time, per run
+            ctx.log(table="distill_run_time", method=r["method"], metric="seconds", value=info["seconds"],
+                    n=info["examples"], params={**p, "stage": "train"})
     ctx.save_json("runs.json", runs)
 
 
@@ -523,6 +527,7 @@ def stage_distill(ctx: StageContext) -> None:
         mcfg = match_config(cfg, job)
         print(f"[{EXP}] distill {i}/{len(mine)} {job['name']}: N={mcfg.syn_steps} M={mcfg.expert_span} "
               f"reg={mcfg.reg} x {mcfg.iterations} iterations", flush=True)
+        peak_known = reset_peak_rss()   # this job's own high-water mark, not the process's so far
         model, tok = distiller_model(job["distiller"], ctx)
         E = model.get_input_embeddings().weight
         sft = sft_config(cfg, job["seed"], max_len=cfg.distill.experts.max_len)
@@ -541,7 +546,7 @@ def stage_distill(ctx: StageContext) -> None:
         out = {**syn.tensors(), "init_embeds": syn.embeds, "embeds": state.embeds.detach().cpu()}
         meta = {"lr": state.lr, "seconds": sum(r["seconds"] for r in state.history),
                 "cpu_seconds_this_process": time.process_time() - t0,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": peak_rss_mib() if peak_known else float("nan"),
                 "examples": random_subset(len(pool), job["budget"], job["seed"])}
         from common.results import atomic_write_text
 
@@ -557,13 +562,22 @@ def stage_distill(ctx: StageContext) -> None:
         hist = json.loads((folder / "history.json").read_text(encoding="utf-8"))["history"]
         done = [r for r in hist if "matching" in r]
         p = {"distiller": job["distiller"], "budget": job["budget"], "seed": job["seed"], "ablation": job["ablation"]}
+        def window_mean(rs: list[dict]) -> float:
+            return sum(r["matching"] for r in rs) / len(rs) if rs else float("nan")
+
+        # a single start is one random draw: the first/last ten iterations' means compare like with like
         for metric, value in [("inner_lr", meta["lr"]), ("seconds", meta["seconds"]),
                               ("matching_first", done[0]["matching"] if done else float("nan")),
+                              ("matching_first10_mean", window_mean(done[:10])),
                               ("matching_last", done[-1]["matching"] if done else float("nan")),
-                              ("matching_last10_mean", sum(r["matching"] for r in done[-10:]) / max(len(done[-10:]),
-                                                                                                  1)),
+                              ("matching_last10_mean", window_mean(done[-10:])),
                               ("skipped_starts", sum(1 for r in hist if r.get("skipped")))]:
             ctx.log(table="distill_match", method=job["method"], metric=metric, value=float(value), params=p)
+        ctx.log(table="distill_run_time", method=job["method"], metric="seconds", value=meta["seconds"],
+                params={**p, "stage": "distill"})
+        if math.isfinite(meta.get("peak_rss_mib", float("nan"))):
+            ctx.log(table="distill_run_time", method=job["method"], metric="peak_rss_mib",
+                    value=meta["peak_rss_mib"], params={**p, "stage": "distill"})
     ctx.save_json("jobs.json", jobs)
 
 
@@ -650,6 +664,7 @@ def stage_students(ctx: StageContext) -> None:
         folder = ctx.out_dir / r["name"]
         if not (folder / "adapter.safetensors").is_file():
             print(f"[{EXP}] students {i}/{len(runs)} {r['name']}", flush=True)
+            t0 = time.perf_counter()
             if r["kind"] == "emb":
                 res, n = _train_on_embeddings(ctx, r, folder), r["budget"]
             else:
@@ -660,13 +675,18 @@ def stage_students(ctx: StageContext) -> None:
                 n = len(examples)
             if ctx.is_main:
                 atomic_write_text(folder / "train.json", json.dumps(
-                    {"steps": res.step, "final_loss": res.final_loss, "examples": n}))
+                    {"steps": res.step, "final_loss": res.final_loss, "examples": n,
+                     "seconds": time.perf_counter() - t0, "resumed": res.resumed_from is not None}))
                 save_trainable(res.model, folder / "adapter.safetensors")
             ctx.barrier()
         info = json.loads((folder / "train.json").read_text(encoding="utf-8"))
+        p = {"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"], "selector": r["selector"],
+             "ablation": r["ablation"]}
         ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
-                n=info["examples"], params={"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"],
-                                            "selector": r["selector"], "ablation": r["ablation"]})
+                n=info["examples"], params=p)
+        if "seconds" in info and not info.get("resumed"):
+            ctx.log(table="distill_run_time", method=r["method"], metric="seconds", value=info["seconds"],
+                    n=info["examples"], params={**p, "stage": "students"})
     ctx.save_json("runs.json", runs)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from common.config import to_dict
 from common.results import load_results
-from common.stages import Pipeline, Stage, StageContext, StageInputError
+from common.stages import Pipeline, Stage, StageContext, StageInputError, peak_rss_mib, reset_peak_rss
 from tests.conftest import REPO, subprocess_env
 from tests.helpers import toy_stages
 
@@ -151,3 +151,24 @@ def test_outputs_root_is_one_setting(tmp_path):
     r = run_toy(tmp_path / "env_root", res, "--outputs-dir", str(tmp_path / "cli_root"))
     assert r.returncode == 0 and (tmp_path / "cli_root" / "toy_stages").is_dir()
     assert time.time() - t0 < 60
+
+
+def _vm_rss_mib() -> float:
+    # the kernel's current resident set (VmRSS), an oracle independent of the high-water mark
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_peak_rss_rises_with_an_allocation_and_resets_after_it_is_freed():
+    if not reset_peak_rss() or peak_rss_mib() is None:
+        pytest.skip("no /proc/self/clear_refs high-water-mark reset on this kernel")
+    before = peak_rss_mib()
+    assert before >= _vm_rss_mib() - 1                # the high-water mark is never below the current RSS
+    block = b"\x01" * (256 << 20)                      # 256 MiB, every page written
+    during = peak_rss_mib()
+    assert during >= before + 200
+    del block
+    assert reset_peak_rss()
+    after = peak_rss_mib()
+    assert after <= during - 200                      # the reset forgot the freed block's pages
+    assert abs(after - _vm_rss_mib()) < 64
