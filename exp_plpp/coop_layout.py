@@ -5,7 +5,12 @@ nine datasets ship a fixed split ``<root>/<dataset_dir>/split_zhou_<Name>.json``
 ``{"train": [[path, label, classname], ...], "val": [...], "test": [...]}`` with paths relative to the image
 folder; FGVC-Aircraft reads ``variants.txt`` + ``images_variant_{train,val,test}.txt`` (label = line number in
 variants.txt); ImageNet reads ``classnames.txt`` ("<wnid> <name>") and the folders ``images/train``,
-``images/val`` (label = rank of the folder name, val doubling as the test set as in CoOp).
+``images/val`` (label = rank of the folder name, val doubling as the test set as in CoOp). The four test-only
+targets of CoOp's domain-generalisation protocol (ImageNet -> ImageNet-V2 / -Sketch / -A / -R, ``COOP_DG_DATASETS``)
+read ``classnames.txt`` copied into their own folder (DATASETS.md) and give only a test split: ImageNet-V2's
+folders are the label numbers 0..999 (name = that line of classnames.txt); Sketch / -A / -R's are wnids, label =
+rank of the sorted folder name (-A and -R hold 200 of the 1000 classes, so their labels are 0..199; ``README.txt``
+of -A / -R is not a class).
 
     split = read_split("oxford_pets", Path("~/data").expanduser())
     path, label, classname = split["train"][0]
@@ -32,7 +37,7 @@ class CoopDatasetInfo:
     image_dir: str  # folder under dataset_dir that split paths are relative to ("" = dataset_dir itself)
     split_file: str | None  # split_zhou_*.json, None for the two datasets with their own format
     template: str  # the hand prompt of CoOp's zero-shot CLIP / KgCoOp (CUSTOM_TEMPLATES)
-    layout: str = "split_json"  # "split_json" | "aircraft" | "imagenet"
+    layout: str = "split_json"  # "split_json" | "aircraft" | "imagenet" | "imagenetv2" | "imagenet_folders"
 
 
 COOP_DATASETS: dict[str, CoopDatasetInfo] = {
@@ -60,10 +65,26 @@ COOP_DATASETS: dict[str, CoopDatasetInfo] = {
 }
 
 
+# test-only targets of the domain-generalisation protocol (CoOp datasets/imagenet{v2,_sketch,_a,_r}.py); CoOp's
+# CUSTOM_TEMPLATES give them ImageNet's hand prompt
+COOP_DG_DATASETS: dict[str, CoopDatasetInfo] = {
+    "imagenetv2": CoopDatasetInfo("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val", None,
+                                  "a photo of a {}.", "imagenetv2"),
+    "imagenet_sketch": CoopDatasetInfo("ImageNetSketch", "imagenet-sketch", "images", None, "a photo of a {}.",
+                                       "imagenet_folders"),
+    "imagenet_a": CoopDatasetInfo("ImageNetA", "imagenet-adversarial", "imagenet-a", None, "a photo of a {}.",
+                                  "imagenet_folders"),
+    "imagenet_r": CoopDatasetInfo("ImageNetR", "imagenet-rendition", "imagenet-r", None, "a photo of a {}.",
+                                  "imagenet_folders"),
+}
+ALL_DATASETS: dict[str, CoopDatasetInfo] = {**COOP_DATASETS, **COOP_DG_DATASETS}
+NOT_A_CLASS = ("README.txt",)  # shipped inside ImageNet-A / -R's image folders
+
+
 def _info(dataset: str) -> CoopDatasetInfo:
-    if dataset not in COOP_DATASETS:
-        raise ValueError(f"unknown CoOp dataset '{dataset}'; known: {', '.join(COOP_DATASETS)}")
-    return COOP_DATASETS[dataset]
+    if dataset not in ALL_DATASETS:
+        raise ValueError(f"unknown CoOp dataset '{dataset}'; known: {', '.join(ALL_DATASETS)}")
+    return ALL_DATASETS[dataset]
 
 
 def _need_file(path: Path, dataset: str) -> Path:
@@ -120,30 +141,58 @@ def _read_aircraft(folder: Path, image_dir: Path, dataset: str) -> dict[str, lis
     return out
 
 
-def _read_imagenet(folder: Path, image_dir: Path, dataset: str) -> dict[str, list[Item]]:
+def _read_classnames(folder: Path, dataset: str) -> tuple[Path, dict[str, str]]:
+    """``classnames.txt``: "<wnid> <class name with spaces>" per line, in ImageNet's label order."""
     names_file = _need_file(folder / "classnames.txt", dataset)
-    names = {}
-    for line in names_file.read_text().splitlines():
+    names: dict[str, str] = {}
+    for lineno, line in enumerate(names_file.read_text().splitlines(), 1):
         wnid, _, name = line.strip().partition(" ")
+        if wnid and not name.strip():
+            raise DataValidationError(f"{names_file}:{lineno}: '{line.strip()}' has no class name after the wnid")
         if wnid:
-            names[wnid] = name
-    out: dict[str, list[Item]] = {}
-    for part in ("train", "val"):
-        split_dir = _need_dir(image_dir / part, dataset)
-        folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        items = []
-        for label, wnid in enumerate(folders):  # CoOp: label = rank of the sorted folder name
-            if wnid not in names:
-                raise DataValidationError(f"{names_file}: no class name for folder '{wnid}' of {split_dir}")
-            files = sorted(f for f in (split_dir / wnid).iterdir() if not f.name.startswith("."))
-            items += [(f, label, names[wnid]) for f in files]
-        out[part] = items
+            names[wnid] = name.strip()
+    return names_file, names
+
+
+def _files(class_dir: Path) -> list[Path]:
+    return sorted(f for f in class_dir.iterdir() if not f.name.startswith("."))  # CoOp: listdir_nohidden
+
+
+def _read_wnid_folders(split_dir: Path, names: dict[str, str], names_file: Path) -> list[Item]:
+    folders = sorted(p.name for p in split_dir.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_A_CLASS)
+    items = []
+    for label, wnid in enumerate(folders):  # CoOp: label = rank of the sorted folder name
+        if wnid not in names:
+            raise DataValidationError(f"{names_file}: no class name for folder '{wnid}' of {split_dir}")
+        items += [(f, label, names[wnid]) for f in _files(split_dir / wnid)]
+    return items
+
+
+def _read_imagenet(folder: Path, image_dir: Path, dataset: str) -> dict[str, list[Item]]:
+    names_file, names = _read_classnames(folder, dataset)
+    out = {part: _read_wnid_folders(_need_dir(image_dir / part, dataset), names, names_file)
+           for part in ("train", "val")}
     out["test"] = out["val"]  # CoOp evaluates ImageNet on its val set
     return out
 
 
+def _read_imagenetv2(folder: Path, image_dir: Path, dataset: str) -> dict[str, list[Item]]:
+    _, names = _read_classnames(folder, dataset)
+    items = []
+    for label, name in enumerate(names.values()):  # folder "<label>" holds the images of classnames.txt's line
+        items += [(f, label, name) for f in _files(_need_dir(image_dir / str(label), dataset))]
+    return {"train": [], "val": [], "test": items}
+
+
+def _read_imagenet_folders(folder: Path, image_dir: Path, dataset: str) -> dict[str, list[Item]]:
+    names_file, names = _read_classnames(folder, dataset)
+    return {"train": [], "val": [], "test": _read_wnid_folders(image_dir, names, names_file)}
+
+
 def read_split(dataset: str, root: Path, check_images: bool = False) -> dict[str, list[Item]]:
-    """{"train", "val", "test"} -> [(image path, label, classname)] for one of COOP_DATASETS under ``root``.
+    """{"train", "val", "test"} -> [(image path, label, classname)] for one of ALL_DATASETS under ``root`` (the
+    test-only DG targets have empty train and val lists).
 
     Missing files raise DatasetNotAvailableError naming the file; malformed entries DataValidationError naming the
     file and entry. ``check_images`` also checks that every image file exists (slow on the big sets).
@@ -155,6 +204,10 @@ def read_split(dataset: str, root: Path, check_images: bool = False) -> dict[str
         split = _read_aircraft(folder, image_dir, dataset)
     elif info.layout == "imagenet":
         split = _read_imagenet(folder, image_dir, dataset)
+    elif info.layout == "imagenetv2":
+        split = _read_imagenetv2(folder, image_dir, dataset)
+    elif info.layout == "imagenet_folders":
+        split = _read_imagenet_folders(folder, image_dir, dataset)
     else:
         split = _read_split_json(_need_file(folder / info.split_file, dataset), image_dir)
     if check_images:

@@ -83,7 +83,7 @@ def _coop_testbed(ctx: StageContext) -> None:
         names = coop_layout.classnames(items)
         arrays[f"downstream/{name}/labels"] = labels
         meta["downstream"][name] = {
-            "classnames": names, "seen": [True] * len(names), "template": coop_layout.COOP_DATASETS[name].template,
+            "classnames": names, "seen": [True] * len(names), "template": coop_layout.ALL_DATASETS[name].template,
             "n": len(items), "paths": [str(Path(it[0]).resolve().relative_to(root.resolve())) for it in items],
             "split": {k: v.tolist() for k, v in split.items()}}
         _log(ctx, table="plpp_testbed", method="downstream", metric="n_images", value=len(items), dataset=name)

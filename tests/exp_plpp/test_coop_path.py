@@ -39,12 +39,26 @@ def _fake_split(root: Path, folder: str, image_dir: str, split_file: str, classe
     (root / folder / split_file).write_text(json.dumps(split))
 
 
+def _fake_rendition(root: Path, wnids: dict[str, str], seed: int) -> None:
+    """ImageNet-R's layout: wnid folders of a class subset, README.txt beside them, classnames.txt copied in."""
+    rng = np.random.default_rng(seed)
+    image_dir = root / "imagenet-rendition" / "imagenet-r"
+    for wnid in wnids:
+        (image_dir / wnid).mkdir(parents=True)
+        for i in range(3):
+            img = rng.integers(0, 255, (22, 20, 3), dtype=np.uint8)
+            Image.fromarray(img).save(image_dir / wnid / f"art_{i}.jpg")
+    (image_dir / "README.txt").write_text("ImageNet-R")
+    (root / "imagenet-rendition" / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in wnids.items()))
+
+
 @pytest.fixture(scope="module")
 def coop(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("coop")
     _fake_split(root / "data", "oxford_pets", "images", "split_zhou_OxfordPets.json", PETS, 0)
     _fake_split(root / "data", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", CALTECH, 1)
-    clip = tiny_clip(["a", "photo", "of", "type", "pet", *PETS, *CALTECH], seed=0)
+    _fake_rendition(root / "data", {"n02085620": "chihuahua", "n02123045": "tabby"}, 2)
+    clip = tiny_clip(["a", "photo", "of", "type", "pet", *PETS, *CALTECH, "chihuahua", "tabby"], seed=0)
     clip.save_pretrained(root / "clip")
     return root / "data", root / "clip"
 
@@ -70,7 +84,7 @@ def test_real_clip_on_the_coop_layout_runs_every_stage(coop, tmp_path):
     data, clip = coop
     argv = [f"clip={clip}", f"coop_root={data}", "threads=1", "testbed.test_per_class=0",
             "protocol.datasets=[oxford_pets]", "protocol.transfer_source=oxford_pets",
-            "protocol.xd_targets=[caltech101]", "protocol.dg_targets=[]", "protocol.shots=[1,2]",
+            "protocol.xd_targets=[caltech101]", "protocol.dg_targets=[imagenet_r]", "protocol.shots=[1,2]",
             "protocol.b2n_shots=2", "protocol.seeds=[1]", "protocol.methods=[zeroshot,coop,coop_plpp]",
             "learn.epochs=2", "learn.lr=0.01"]
     env = subprocess_env(LLM4ALL_RESULTS=str(tmp_path / "results"), LLM4ALL_OUTPUTS=str(tmp_path / "outputs"))
@@ -79,9 +93,11 @@ def test_real_clip_on_the_coop_layout_runs_every_stage(coop, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for d in run_dirs(tmp_path / "results") for r in read_run(d)[1]]
     tables = {r["table"] for r in rows}
-    assert {"plpp_testbed", "plpp_zeroshot", "plpp_b2n", "plpp_fewshot", "plpp_xd", "plpp_summary"} <= tables
+    assert {"plpp_testbed", "plpp_zeroshot", "plpp_b2n", "plpp_fewshot", "plpp_xd", "plpp_dg", "plpp_summary"} <= tables
     n = {r["params"]["dataset"]: r["value"] for r in rows if r["table"] == "plpp_testbed" and r["metric"] == "n_images"}
-    assert n == {"oxford_pets": 32, "caltech101": 24}
+    assert n == {"oxford_pets": 32, "caltech101": 24, "imagenet_r": 6}
+    dg = [r for r in rows if r["table"] == "plpp_dg"]
+    assert dg and {r["params"]["target"] for r in dg} == {"imagenet_r"} and all(0 <= r["value"] <= 1 for r in dg)
     zs = {r["params"]["classes"]: r for r in rows if r["table"] == "plpp_zeroshot"
           and r["params"]["dataset"] == "oxford_pets"}
     assert zs["all"]["params"]["n_test"] == 12 and zs["base"]["params"]["chance"] == 0.5

@@ -344,6 +344,11 @@ def test_coop_registry():
     assert L.COOP_DATASETS["dtd"].split_file == "split_zhou_DescribableTextures.json"
     assert all("{}" in i.template for i in L.COOP_DATASETS.values())
     assert sum(i.split_file is not None for i in L.COOP_DATASETS.values()) == 9
+    # the DG protocol's test-only targets: CoOp's folder names (DATASETS.md), ImageNet's hand prompt
+    assert {k: i.dataset_dir for k, i in L.COOP_DG_DATASETS.items()} == {
+        "imagenetv2": "imagenetv2", "imagenet_sketch": "imagenet-sketch", "imagenet_a": "imagenet-adversarial",
+        "imagenet_r": "imagenet-rendition"}
+    assert {i.template for i in L.COOP_DG_DATASETS.values()} == {L.COOP_DATASETS["imagenet"].template}
 
 
 def test_coop_read_split_json(tmp_path):
@@ -406,3 +411,48 @@ def test_coop_aircraft_and_imagenet(tmp_path):
     assert out["test"] == out["val"]
     with pytest.raises(DatasetNotAvailableError, match="caltech-101"):
         L.read_split("caltech101", tmp_path)
+
+
+IMAGENET_NAMES = "n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n"
+
+
+def test_coop_dg_imagenetv2_labels_are_folder_numbers(tmp_path):
+    v2 = tmp_path / "imagenetv2"
+    img = v2 / "imagenetv2-matched-frequency-format-val"
+    for label in (0, 1, 2):
+        for i in range(2):
+            _png(img / str(label) / f"{i}_{label}.jpeg")
+    _png(img / "1" / ".hidden.jpeg")
+    with pytest.raises(DatasetNotAvailableError, match="classnames.txt"):
+        L.read_split("imagenetv2", tmp_path)
+    (v2 / "classnames.txt").write_text(IMAGENET_NAMES)
+    out = L.read_split("imagenetv2", tmp_path, check_images=True)
+    assert out["train"] == [] and out["val"] == []
+    assert [(p.parent.name, lab, name) for p, lab, name in out["test"]] == [
+        ("0", 0, "tench"), ("0", 0, "tench"), ("1", 1, "goldfish"), ("1", 1, "goldfish"),
+        ("2", 2, "great white shark"), ("2", 2, "great white shark")]
+    assert L.classnames(out["test"]) == ["tench", "goldfish", "great white shark"]
+    (v2 / "classnames.txt").write_text(IMAGENET_NAMES + "n01491361 tiger shark\n")   # a 4th class, no folder "3"
+    with pytest.raises(DatasetNotAvailableError, match="format-val/3"):
+        L.read_split("imagenetv2", tmp_path)
+
+
+@pytest.mark.parametrize("dataset, folder, image_dir", [("imagenet_sketch", "imagenet-sketch", "images"),
+                                                        ("imagenet_a", "imagenet-adversarial", "imagenet-a"),
+                                                        ("imagenet_r", "imagenet-rendition", "imagenet-r")])
+def test_coop_dg_wnid_folders_of_a_class_subset(tmp_path, dataset, folder, image_dir):
+    root = tmp_path / folder
+    for wnid in ("n01484850", "n01440764"):           # -A / -R: a subset of ImageNet's classes, labels 0..n-1
+        _png(root / image_dir / wnid / f"{wnid}_0.jpg")
+    (root / image_dir / "README.txt").write_text("not a class")
+    (root / image_dir / ".DS_Store").mkdir()
+    (root / "classnames.txt").write_text(IMAGENET_NAMES)
+    out = L.read_split(dataset, tmp_path, check_images=True)
+    assert out["train"] == [] and out["val"] == []
+    assert [(lab, name) for _, lab, name in out["test"]] == [(0, "tench"), (1, "great white shark")]
+    _png(root / image_dir / "n09999999" / "x.jpg")
+    with pytest.raises(DataValidationError, match="n09999999"):
+        L.read_split(dataset, tmp_path)
+    (root / "classnames.txt").write_text("n01440764\n")
+    with pytest.raises(DataValidationError, match="classnames.txt:1"):
+        L.read_split(dataset, tmp_path)
