@@ -12,13 +12,19 @@ from exp_plpp.plpp import PLPPConfig
 from exp_plpp.pretrain import PretrainConfig
 from exp_plpp.prompts import PromptConfig
 
-STAGE_NAMES = ["testbed", "pretrain_clip", "features", "base2novel", "fewshot", "transfer", "ablations", "table"]
+STAGE_NAMES = ["testbed", "pretrain_clip", "features", "tune", "base2novel", "fewshot", "transfer", "ablations",
+               "table"]
 METHODS = ["zeroshot", "coop", "coop_plpp", "cocoop", "cocoop_plpp", "kgcoop", "kgcoop_plpp"]
 
 
 def parse_ablation(spec: str) -> dict:
     """``"lambda_ppl=1,label_mode=hard"`` -> {"lambda_ppl": 1, "label_mode": "hard"}, checked against PLPPConfig."""
     return parse_field_overrides(spec, PLPPConfig, "protocol.ablations")
+
+
+def parse_tune(spec: str) -> dict:
+    """A ``protocol.tune`` candidate -> PLPPConfig overrides ({} for "default")."""
+    return {} if spec.strip() == "default" else parse_field_overrides(spec, PLPPConfig, "protocol.tune")
 
 
 @dataclass
@@ -50,6 +56,13 @@ class ProtocolConfig:
     # "label_mode=hard", "position=next"): keys of PLPPConfig; rows named e.g. coop_plpp[label_mode=hard]
     ablations: list[str] = field(default_factory=list)
     ablation_method: str = "coop_plpp"
+    # PLPP's open weights chosen on the validation split, as CoOp-family papers tune per dataset: candidate
+    # overrides of the plpp section ("lambda_ppl=0.5,lambda_inv=0.5"; "default" = the section as written), each
+    # trained on the base classes' shots and scored on the base classes' validation images (novel classes never
+    # seen); the best mean over seeds is used by base2novel, fewshot and transfer. [] = no tuning (stage tune
+    # does nothing)
+    tune: list[str] = field(default_factory=list)
+    tune_methods: list[str] = field(default_factory=list)   # the PLPP methods tuned; [] = every one the run has
 
     def validate(self) -> None:
         for m in [*self.methods, *self.fewshot_methods]:
@@ -58,6 +71,13 @@ class ProtocolConfig:
             raise ValueError(f"protocol.ablation_method must be a PLPP method, got '{self.ablation_method}'")
         for spec in self.ablations:
             parse_ablation(spec)
+        for spec in self.tune:
+            parse_tune(spec)
+        for m in self.tune_methods:
+            if not parse_method(m)[1]:
+                raise ValueError(f"protocol.tune_methods: '{m}' is not a PLPP method (<method>_plpp)")
+        if len(set(self.tune)) != len(self.tune):
+            raise ValueError(f"protocol.tune has a candidate twice: {self.tune}")
         if not self.seeds or not self.methods:
             raise ValueError("protocol.seeds and protocol.methods must not be empty")
         if any(k < 1 for k in [*self.shots, self.b2n_shots]):

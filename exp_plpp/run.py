@@ -20,6 +20,7 @@ under ``accelerate launch --num_processes N`` the runs are shared between the pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ from common import paths
 from common.results import atomic_write_text
 from common.stages import Stage, StageContext, StageInputError, run_experiment
 from exp_plpp import datasets as ds
-from exp_plpp.config import Config, parse_ablation
+from exp_plpp.config import Config, parse_ablation, parse_tune
 from exp_plpp.learn import evaluate, parse_method, train_prompts, transfer
 from exp_plpp.offline_clip import OfflineCLIP, normalise_images
 from exp_plpp.pretrain import atomic_torch_save, pretrain
@@ -268,6 +269,14 @@ class Runs:
             self.feats = torch.load(ctx.input("features") / "features.pt", weights_only=True)
         except OSError as exc:
             raise StageInputError(f"cannot read features.pt: {exc}. Rerun --stage features --force") from None
+        # {dataset: {plpp method: candidate}} chosen on the validation split by stage tune ({} = no tuning)
+        self.tuned = (json.loads((ctx.input("tune") / "chosen.json").read_text(encoding="utf-8"))
+                      if ctx.has_input("tune") else {})
+
+    def plpp_for(self, name: str, method: str):
+        """The PLPP settings of ``method`` on dataset ``name``: the tuned candidate if stage tune chose one."""
+        spec = self.tuned.get(name, {}).get(method)
+        return dataclasses.replace(self.ctx.cfg.plpp, **parse_tune(spec)) if spec else self.ctx.cfg.plpp
 
     def split(self, name: str, part: str, classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         info = self.bed.info(name)
@@ -285,7 +294,8 @@ class Runs:
         cfg = self.ctx.cfg
         t0 = time.perf_counter()
         learner, history = train_prompts(self.model, f[pick], y[pick], [info["classnames"][c] for c in classes],
-                                         info["template"], method, cfg.prompt, plpp or cfg.plpp, cfg.learn, seed)
+                                         info["template"], method, cfg.prompt, plpp or self.plpp_for(name, method),
+                                         cfg.learn, seed)
         return learner, history, time.perf_counter() - t0
 
     def base_to_novel(self, name: str, shots: int, method: str, seed: int, plpp=None) -> dict:
@@ -295,9 +305,13 @@ class Runs:
         b, v = self.acc(learner, name, base, method), self.acc(learner, name, novel, method)
         return {"base": b, "novel": v, "hm": _hm(b, v), "history": history, "seconds": sec}
 
-    def acc(self, learner, name: str, classes: list[int], method: str) -> float:
+    def acc(self, learner, name: str, classes: list[int], method: str, part: str = "test") -> float:
         info = self.bed.info(name)
-        f, y = self.split(name, "test", classes)
+        f, y = self.split(name, part, classes)
+        cap = self.ctx.cfg.testbed.test_per_class
+        if part == "val" and cap:   # a fixed stratified subset, capped as the test split is (stage testbed)
+            keep = torch.from_numpy(np.unique(ds.few_shot_indices(y.numpy(), cap, seed=0)))
+            f, y = f[keep], y[keep]
         return evaluate(self.model, learner, f, y, [info["classnames"][c] for c in classes], info["template"],
                         method, chunk=self.ctx.cfg.learn.eval_chunk)
 
@@ -335,6 +349,54 @@ def _history_rows(ctx: StageContext, table: str, res: dict, **params) -> None:
         for k in ("ce", "l_ppl", "l_inv", "kg"):
             _log(ctx, table=table, method=res["method"], metric=f"final_{k}", value=hist[-1][k], **params)
     _log(ctx, table=table, method=res["method"], metric="train_seconds", value=res["seconds"], **params)
+
+
+def _tune_datasets(cfg: Config) -> list[str]:
+    return sorted({*cfg.protocol.datasets, *(cfg.protocol.fewshot_datasets or cfg.protocol.datasets),
+                   cfg.protocol.transfer_source})
+
+
+def stage_tune(ctx: StageContext) -> None:
+    """Each ``protocol.tune`` candidate per dataset and PLPP method: trained on the base classes' shots (the
+    base-to-novel protocol), scored on the base classes' validation images; the best mean over the seeds (the
+    first in list order on a tie) is written to chosen.json for the later stages."""
+    cfg = ctx.cfg
+    chosen: dict[str, dict[str, str]] = {}
+    if not cfg.protocol.tune:
+        ctx.save_json("chosen.json", chosen)
+        return
+    runs = Runs(ctx)
+
+    def one(job: dict) -> dict:
+        base, _ = ds.base_novel(len(runs.bed.info(job["dataset"])["classnames"]))
+        plpp = dataclasses.replace(cfg.plpp, **parse_tune(job["candidate"]))
+        learner, history, sec = runs.train(job["dataset"], base, job["shots"], job["method"], job["seed"], plpp)
+        return {"val_acc": runs.acc(learner, job["dataset"], base, job["method"], part="val"), "history": history,
+                "seconds": sec}
+
+    jobs = [{"name": f"{d}_{m}_c{i}_s{s}", "dataset": d, "method": m, "candidate": c, "seed": s,
+             "shots": cfg.protocol.b2n_shots}
+            for d in _tune_datasets(cfg)
+            for m in sorted({*_methods(cfg, d, fewshot=False), *_methods(cfg, d, fewshot=True)})
+            if parse_method(m)[1] and (not cfg.protocol.tune_methods or m in cfg.protocol.tune_methods)
+            for i, c in enumerate(cfg.protocol.tune) for s in cfg.protocol.seeds]
+    results = runs.run_all(jobs, one)
+    for res in results:
+        params = {"dataset": res["dataset"], "seed": res["seed"], "shots": res["shots"], "candidate": res["candidate"]}
+        _log(ctx, table="plpp_tune", method=res["method"], metric="val_acc", value=res["val_acc"], **params)
+        _history_rows(ctx, "plpp_tune_train", res, **params)
+    by_cell: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for res in results:
+        by_cell.setdefault((res["dataset"], res["method"]), {}).setdefault(res["candidate"], []).append(res["val_acc"])
+    for (d, m), cands in sorted(by_cell.items()):
+        means = {c: float(np.mean(cands[c])) for c in cfg.protocol.tune}
+        best = max(cfg.protocol.tune, key=lambda c: (means[c], -cfg.protocol.tune.index(c)))
+        chosen.setdefault(d, {})[m] = best
+        for c, v in means.items():
+            _log(ctx, table="plpp_tune_choice", method=m, metric="val_acc_mean", value=v, dataset=d, candidate=c)
+            _log(ctx, table="plpp_tune_choice", method=m, metric="chosen", value=float(c == best), dataset=d,
+                 candidate=c)
+    ctx.save_json("chosen.json", chosen)
 
 
 def stage_base2novel(ctx: StageContext) -> None:
@@ -409,9 +471,8 @@ def stage_transfer(ctx: StageContext) -> None:
 
 
 def stage_ablations(ctx: StageContext) -> None:
-    """Base-to-novel runs of the PLPP method with PLPP's open choices changed, one seed set, same shots."""
-    import dataclasses
-
+    """Base-to-novel runs of the PLPP method with PLPP's open choices changed, one seed set, same shots (each
+    relative to the plpp section as written, not to a tuned candidate)."""
     runs = Runs(ctx)
     cfg = ctx.cfg
     method = cfg.protocol.ablation_method
@@ -454,15 +515,21 @@ STAGES = [
     Stage("pretrain_clip", stage_pretrain_clip, config_keys=("seed", "tower", "pretrain", "clip"),
           inputs=("testbed",), resumable=True),
     Stage("features", stage_features, inputs=("testbed", "pretrain_clip")),
+    Stage("tune", stage_tune, config_keys=("prompt", "plpp", "learn", "protocol.methods", "protocol.fewshot_methods",
+                                           "protocol.seeds", "protocol.datasets", "protocol.fewshot_datasets",
+                                           "protocol.transfer_source", "protocol.b2n_shots",
+                                           "protocol.cocoop_datasets", "protocol.tune", "protocol.tune_methods",
+                                           "testbed.test_per_class"),
+          inputs=("testbed", "pretrain_clip", "features"), resumable=True),
     Stage("base2novel", stage_base2novel, config_keys=("prompt", "plpp", "learn", "protocol.methods",
                                                        "protocol.seeds", "protocol.datasets", "protocol.b2n_shots",
                                                        "protocol.cocoop_datasets"),
-          inputs=("testbed", "pretrain_clip", "features"), resumable=True),
+          inputs=("testbed", "pretrain_clip", "features", "tune"), resumable=True),
     Stage("fewshot", stage_fewshot, config_keys=("prompt", "plpp", "learn", "protocol.methods", "protocol.seeds",
                                                  "protocol.datasets", "protocol.fewshot_datasets", "protocol.shots",
                                                  "protocol.fewshot_methods", "protocol.cocoop_datasets",
                                                  "protocol.transfer_source"),
-          inputs=("testbed", "pretrain_clip", "features"), resumable=True),
+          inputs=("testbed", "pretrain_clip", "features", "tune"), resumable=True),
     Stage("transfer", stage_transfer, config_keys=("prompt", "protocol.methods", "protocol.fewshot_methods",
                                                    "protocol.seeds", "protocol.shots", "protocol.cocoop_datasets",
                                                    "protocol.transfer_source", "protocol.xd_targets",

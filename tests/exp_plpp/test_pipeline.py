@@ -27,7 +27,8 @@ TINY = [
     "protocol.seeds=[1,2]", "protocol.datasets=[shapes]", "protocol.shots=[1,2]", "protocol.b2n_shots=2",
     "protocol.methods=[zeroshot,coop,coop_plpp,cocoop_plpp]", "protocol.fewshot_methods=[zeroshot,coop,coop_plpp]",
     "protocol.transfer_source=digits", "protocol.xd_targets=[shapes]", "protocol.dg_targets=[digits_blur]",
-    "protocol.ablations=[label_mode=hard]",
+    "protocol.ablations=[label_mode=hard]", "protocol.tune=[lambda_ppl=1,lambda_ppl=2]",
+    "protocol.tune_methods=[coop_plpp]",
 ]
 pytestmark = pytest.mark.slow
 
@@ -116,9 +117,36 @@ def test_summary_pairs_match_the_per_run_rows(reference):
         assert summary[(f"coop_plpp[label_mode=hard]-{other}", "hm_diff_mean")] == pytest.approx(diff, abs=1e-12)
 
 
+def test_tune_picks_the_best_validation_candidate_and_the_later_stages_use_it(reference):
+    rows = _rows(reference)
+    val: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["table"] == "plpp_tune":
+            val.setdefault((r["params"]["dataset"], r["method"], r["params"]["candidate"]), []).append(r["value"])
+    cells = {(d, m) for d, m, _ in val}
+    assert cells == {("digits", "coop_plpp"), ("shapes", "coop_plpp")}   # protocol.tune_methods
+    assert all(len(v) == 2 for v in val.values()) and len(val) == 4     # both seeds of both candidates
+    chosen = {(r["params"]["dataset"], r["method"]): r["params"]["candidate"] for r in rows
+              if r["table"] == "plpp_tune_choice" and r["metric"] == "chosen" and r["value"] == 1.0}
+    assert chosen.keys() == cells
+    for (d, m), c in chosen.items():   # the argmax of the seed means, the first candidate on a tie
+        order = ["lambda_ppl=1", "lambda_ppl=2"]
+        means = {cand: sum(val[(d, m, cand)]) / 2 for cand in order}
+        assert c == max(order, key=lambda k: (means[k], -order.index(k)))
+    # base2novel trains exactly the tune job of the chosen candidate (same classes, shots, seed): same losses;
+    # neither candidate is the plpp section's default (lambda_ppl = 0.1), so this fails if the choice is not applied
+    hist = {(r["table"], r["params"]["dataset"], r["method"], r["seed"], r["params"].get("candidate")): r["value"]
+            for r in rows if r["table"] in ("plpp_tune_train", "plpp_b2n_train") and r["metric"] == "final_l_ppl"}
+    c = chosen[("shapes", "coop_plpp")]
+    for seed in (1, 2):
+        assert hist[("plpp_b2n_train", "shapes", "coop_plpp", seed, None)] == \
+            hist[("plpp_tune_train", "shapes", "coop_plpp", seed, c)]
+    assert ("plpp_b2n_train", "shapes", "cocoop_plpp", 1, None) in hist   # untuned: the plpp section as written
+
+
 # (stage, a file that shows finished work inside the partial folder: kill right after it appears)
-KILL_POINTS = [("pretrain_clip", "state.pt"), ("base2novel", "runs/*.json"), ("fewshot", "runs/*.json"),
-               ("transfer", "runs/*.json")]
+KILL_POINTS = [("pretrain_clip", "state.pt"), ("tune", "runs/*.json"), ("base2novel", "runs/*.json"),
+               ("fewshot", "runs/*.json"), ("transfer", "runs/*.json")]
 
 
 def test_sigkill_in_each_stage_resumes_exactly(reference, tmp_path, testbed_sources):
