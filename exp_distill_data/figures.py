@@ -125,6 +125,9 @@ def accuracy_vs_budget(df):
             if len(b):
                 ax.axhline(b["value"].iloc[0], ls="--", color="grey", label="base")
             ax.set_xscale("log")
+            budgets = sorted(g["p.budget"].dropna().unique())
+            ax.set_xticks(budgets, [f"{int(b)}" for b in budgets])   # the budgets themselves, no 2x10^1 labels
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_xlabel("training examples")
             ax.set_ylabel("acc")
             ax.set_title(f"{setting}\n{TASKS[task]}", fontsize=8)
