@@ -183,8 +183,8 @@ COST_STAGES = {"less_warmup": "LESS selection", "less_features": "LESS selection
                 note="Wall seconds in the run that computed each stage (the threads of the run's config; the device "
                      "column of results.csv names the CPU); peak RSS = the main process's resident high-water mark "
                      "during the stage (or the distillation job), where the run logged it. Per-run lines: the slowest "
-                     "run and the highest peak among the runs of that kind in the latest run that logged them "
-                     "(distill_run_time rows).")
+                     "run and the highest peak among the runs of that kind in the latest small run that logged that "
+                     "kind (distill_run_time rows).")
 def table_cost(rows):
     t = select(rows, "stage_time")
     if t.empty or "profile" not in t:
@@ -203,14 +203,13 @@ def table_cost(rows):
 
 
 def _per_run_cost(rows) -> pd.DataFrame:
-    """One line per kind of run (stage, method, model) of the latest small run with distill_run_time rows."""
+    """One line per kind of run (stage, method, model), from the latest small run that logged that kind."""
     t = select(rows, "distill_run_time", needs=("p.stage",))
     if t.empty or "profile" not in t:
         return pd.DataFrame()
     t = t[t["profile"] == "small"]
     if t.empty:
         return pd.DataFrame()
-    t = t[t["run_id"] == t.sort_values("end_time")["run_id"].iloc[-1]]
     t = t[~t["method"].str.contains("[", regex=False)].copy()   # the ablations' sets cost as "ours" does
     model = t["p.trainer"] if "p.trainer" in t else pd.Series("", index=t.index)
     if "p.distiller" in t:
@@ -219,6 +218,7 @@ def _per_run_cost(rows) -> pd.DataFrame:
     t["kind"] = t["p.stage"] + ": " + t["method"].map(lambda m: "full-data fine-tune" if m == "full" else m)
     out = []
     for (kind, m), g in t.groupby(["kind", "model"], sort=True):
+        g = g[g["run_id"] == g.sort_values("end_time")["run_id"].iloc[-1]]   # the latest run that ran this kind
         s, pk = g[g["metric"] == "seconds"]["value"], g[g["metric"] == "peak_rss_mib"]["value"]
         n = max(len(s), len(pk))
         out.append({"item": f"{kind} ({m}), one run", "part of": "per run",
