@@ -230,16 +230,17 @@ def _per_run_cost(rows) -> pd.DataFrame:
 
 @register_table("distill_bench_tm", EXP, "Trajectory matching: one outer iteration vs N ordinary fine-tuning steps "
                 "of the same batch, time and peak memory vs N, with and without checkpointing of the inner steps",
-                note="From the latest bench_distill run per model (its parameters are in results.csv: model, "
-                     "batch, length, threads). tm = unrolled steps kept in memory; tm_ckpt = each step recomputed in "
-                     "backward. "
-                     "peak = rise of the process's resident high-water mark during the iteration (CPU).")
+                note="From the latest bench_distill run per model and machine (its parameters are in results.csv: "
+                     "model, batch, length, threads). tm = unrolled steps kept in memory; tm_ckpt = each step "
+                     "recomputed in backward. "
+                     "peak_rss_delta_mib = rise of the process's resident high-water mark during the iteration (CPU); "
+                     "peak_cuda_mib = torch.cuda.max_memory_allocated during it (GPU).")
 def table_bench_tm(rows):
     t = select(rows, "distill_bench_tm", needs=("p.N", "p.model"))
     if t.empty:
         return None
-    latest = t.sort_values("end_time").groupby("p.model")["run_id"].last()   # the latest run per model
+    latest = t.sort_values("end_time").groupby(["p.model", "device"])["run_id"].last()   # per model and machine
     t = t[t["run_id"].isin(latest.values)]
-    out = t.pivot_table(index=["p.model", "p.N", "method"], columns="metric", values="value").reset_index()
-    return out.rename(columns={"p.model": "model", "p.N": "N"}).sort_values(["model", "N", "method"]) \
+    out = t.pivot_table(index=["device", "p.model", "p.N", "method"], columns="metric", values="value").reset_index()
+    return out.rename(columns={"p.model": "model", "p.N": "N"}).sort_values(["device", "model", "N", "method"]) \
         .reset_index(drop=True)
