@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -164,10 +165,14 @@ def test_peak_rss_rises_with_an_allocation_and_resets_after_it_is_freed():
         pytest.skip("no /proc/self/clear_refs high-water-mark reset on this kernel")
     before = peak_rss_mib()
     assert before >= _vm_rss_mib() - 1                # the high-water mark is never below the current RSS
-    block = b"\x01" * (256 << 20)                      # 256 MiB, every page written
+    # fresh pages from an anonymous mapping (a heap allocation may reuse pages already resident), every one written
+    block = mmap.mmap(-1, 256 << 20)
+    chunk = b"\x01" * (1 << 20)
+    for _ in range(256):
+        block.write(chunk)
     during = peak_rss_mib()
     assert during >= before + 200
-    del block
+    block.close()                                     # unmapped: the pages leave the resident set
     assert reset_peak_rss()
     after = peak_rss_mib()
     assert after <= during - 200                      # the reset forgot the freed block's pages
