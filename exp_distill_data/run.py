@@ -382,9 +382,7 @@ def stage_train(ctx: StageContext) -> None:
         p = {"trainer": r["trainer"], "budget": r["budget"], "seed": r["seed"], "selector": r["selector"]}
         ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
                 n=info["examples"], params=p)
-        if "seconds" in info and not info.get("resumed"):  # the cost table's fine-tuning time, per run
-            ctx.log(table="distill_run_time", method=r["method"], metric="seconds", value=info["seconds"],
-                    n=info["examples"], params={**p, "stage": "train"})
+        _log_run_time(ctx, info, r["method"], p, "train")
     ctx.save_json("runs.json", runs)
 
 
@@ -511,6 +509,19 @@ def synthetic_examples(pool: list[dict], job: dict) -> list[dict]:
     return [pool[i] for i in random_subset(len(pool), job["budget"], job["seed"])]
 
 
+def _window_mean(history: list[dict]) -> float:
+    """Mean matching loss over some outer iterations (NaN for none)."""
+    return sum(r["matching"] for r in history) / len(history) if history else float("nan")
+
+
+def _log_run_time(ctx: StageContext, info: dict, method: str, params: dict, stage: str) -> None:
+    """One fine-tune's wall seconds (rows distill_run_time, the cost table); not for a resumed run, whose
+    seconds cover only the attempt that finished."""
+    if "seconds" in info and not info.get("resumed"):
+        ctx.log(table="distill_run_time", method=method, metric="seconds", value=info["seconds"],
+                n=info["examples"], params={**params, "stage": stage})
+
+
 def stage_distill(ctx: StageContext) -> None:
     """Trajectory matching (exp_distill_data.distill) for every job, shared out over the processes; each
     job resumes from its own state file and ends with ``<job>/synthetic.pt``."""
@@ -562,15 +573,12 @@ def stage_distill(ctx: StageContext) -> None:
         hist = json.loads((folder / "history.json").read_text(encoding="utf-8"))["history"]
         done = [r for r in hist if "matching" in r]
         p = {"distiller": job["distiller"], "budget": job["budget"], "seed": job["seed"], "ablation": job["ablation"]}
-        def window_mean(rs: list[dict]) -> float:
-            return sum(r["matching"] for r in rs) / len(rs) if rs else float("nan")
-
         # a single start is one random draw: the first/last ten iterations' means compare like with like
         for metric, value in [("inner_lr", meta["lr"]), ("seconds", meta["seconds"]),
                               ("matching_first", done[0]["matching"] if done else float("nan")),
-                              ("matching_first10_mean", window_mean(done[:10])),
+                              ("matching_first10_mean", _window_mean(done[:10])),
                               ("matching_last", done[-1]["matching"] if done else float("nan")),
-                              ("matching_last10_mean", window_mean(done[-10:])),
+                              ("matching_last10_mean", _window_mean(done[-10:])),
                               ("skipped_starts", sum(1 for r in hist if r.get("skipped")))]:
             ctx.log(table="distill_match", method=job["method"], metric=metric, value=float(value), params=p)
         ctx.log(table="distill_run_time", method=job["method"], metric="seconds", value=meta["seconds"],
@@ -684,9 +692,7 @@ def stage_students(ctx: StageContext) -> None:
              "ablation": r["ablation"]}
         ctx.log(table="distill_train", method=r["method"], metric="final_loss", value=info["final_loss"],
                 n=info["examples"], params=p)
-        if "seconds" in info and not info.get("resumed"):
-            ctx.log(table="distill_run_time", method=r["method"], metric="seconds", value=info["seconds"],
-                    n=info["examples"], params={**p, "stage": "students"})
+        _log_run_time(ctx, info, r["method"], p, "students")
     ctx.save_json("runs.json", runs)
 
 
