@@ -8,7 +8,10 @@
    accumulation): time (triton.testing.do_bench, median ms), TFLOP/s, ratio to the peer;
 3. the Hopper fp8 accumulator model: outputs of fast-accumulation fp8 GEMMs (Triton default, cuBLASLt
    use_fast_accum) vs ``emulated_matmul(in=fp8, acc=(8, 13), mode="rz", block_k=b)`` for several b, and
-   vs fp32 accumulation: fraction of bit-identical outputs and median relative difference.
+   vs fp32 accumulation: fraction of bit-identical outputs and median relative difference;
+4. quantize bandwidth: the Triton quantize kernel (float32 -> a format's values in float32) vs torch's native
+   cast round trip (``x.to(bf16).float()``: the same function on in-range inputs, checked bit-identical in the
+   same call) and vs a plain device copy (the memory-bound ceiling): GB/s at 8 bytes per element, ratios.
 Rows go to the results table (experiment "lowp"). Exits 3 with a message when there is no CUDA device.
 """
 
@@ -18,12 +21,13 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from common.lowp import emulated_matmul
+from common.lowp import emulated_matmul, get_format
 from common.lowp.native import native_matmul, native_matmul_reference, to_fp8
 from common.paths import REPO_ROOT
 from common.results import Run
@@ -114,11 +118,65 @@ def accumulation_model(run: Run, m: int = 256, n: int = 256, k: int = 4096) -> N
         print(f"  {hw_name:18s} err vs exact {hw_err:.2e} | " + "  ".join(cells))
 
 
+NATIVE_CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn,
+                "fp8_e5m2": torch.float8_e5m2}
+
+
+def _cast_round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).to(torch.float32)
+
+
+def bench_quantize(run: Run, numel: int, device: str = "cuda",
+                   timer: Callable[[Callable[[], object]], float] | None = None) -> None:
+    """Quantize bandwidth on ``device`` (``timer(fn)`` -> median ms; default triton's do_bench). Inputs are
+    N(0, 10^2) float32, inside every listed format's range, so the native cast is the same rounding (no
+    overflow rule involved); stochastic rounding (bf16) has no native peer and is compared with the copy only
+    (its time includes drawing the random bits)."""
+    from common.lowp.triton_kernels import quantize_triton
+
+    if timer is None:
+        from triton.testing import do_bench as timer
+    g = torch.Generator(device=device).manual_seed(numel)
+    x = torch.randn(numel, device=device, generator=g) * 10
+
+    def gbs(ms: float) -> float:
+        return 8 * numel / ms / 1e6   # 4 bytes read + 4 written per element; ms -> GB/s
+    copy_ms = timer(partial(torch.clone, x))
+    params = {"numel": numel}
+    run.log(table="quantize_bandwidth", method="torch_clone", metric="gb_per_s", value=gbs(copy_ms), params=params)
+    print(f"\nquantize bandwidth, {numel} float32 elements (GB/s at 8 B/element); copy {gbs(copy_ms):.0f} GB/s")
+    cases = [(name, "rne", dtype) for name, dtype in NATIVE_CASTS.items()] + [("bf16", "stochastic", None)]
+    for fmt, mode, dtype in cases:
+        p = {**params, "format": fmt, "mode": mode}
+        gen = torch.Generator(device=device).manual_seed(0)
+        ours = partial(quantize_triton, x, get_format(fmt), mode, gen if mode == "stochastic" else None)
+        ours_ms = timer(ours)
+        run.log(table="quantize_bandwidth", method="triton_quantize", metric="gb_per_s", value=gbs(ours_ms),
+                params=p)
+        run.log(table="quantize_bandwidth", method="triton_quantize_vs_torch_clone", metric="ratio",
+                value=copy_ms / ours_ms, params=p)
+        line = f"  {fmt:11s} {mode:10s} ours {gbs(ours_ms):8.1f} GB/s ({copy_ms / ours_ms:4.2f} of copy)"
+        if dtype is not None:
+            native = partial(_cast_round_trip, x, dtype)
+            same = torch.equal(ours(), native())   # no NaN: the inputs are finite and in range
+            native_ms = timer(native)
+            run.log(table="quantize_bandwidth", method="torch_cast_round_trip", metric="gb_per_s",
+                    value=gbs(native_ms), params=p)
+            run.log(table="quantize_bandwidth", method="triton_quantize_vs_torch_cast_round_trip",
+                    metric="speedup", value=native_ms / ours_ms, params=p)
+            run.log(table="quantize_bandwidth", method="triton_quantize", metric="bit_identical_to_cast",
+                    value=float(same), params=p)
+            line += f"  cast round trip {gbs(native_ms):8.1f} GB/s  speedup {native_ms / ours_ms:4.2f}  " \
+                    f"identical {same}"
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--quantize-numel", type=int, nargs="+", default=[1 << 24, 1 << 28])
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     accumulation_model(run)
     if not args.skip_bench:
         bench_native(run, args.sizes)
+        for numel in args.quantize_numel:
+            bench_quantize(run, numel)
     print(f"\nresults: {run.finish()}")
     return rc
 

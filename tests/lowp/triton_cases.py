@@ -120,3 +120,34 @@ def test_triton_block_sum_exactness_condition():
     assert not block_sums_exact(a, b, fp32, 4)
     assert emulated_matmul_triton(a, b, fp32, fp32, fp32, block_k=4).item() == 1.0
     assert emulated_matmul(a, b, "fp32", "fp32", "fp32", block_k=4, backend="triton").item() == 1 + 2**-23
+
+
+def test_gpu_check_quantize_bandwidth_rows_on_cpu(tmp_path, monkeypatch):
+    """gpu_check's quantize-bandwidth part, run on the CPU interpreter with a call-counting timer: the
+    Triton kernel is bit-identical to torch's native cast round trip for each native format (an independent
+    rounding), and every ratio is the quotient of the logged times."""
+    from common.lowp.gpu_check import NATIVE_CASTS, bench_quantize
+    from common.results import Run, read_run, run_dirs
+
+    monkeypatch.setenv("LLM4ALL_RESULTS", str(tmp_path))
+    times = iter(range(1, 100))
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())   # run it: a timer that never calls fn would hide a broken kernel
+        return float(next(times))
+
+    run = Run("lowp", config={}, seed=0, profile="test")
+    bench_quantize(run, 4096, device="cpu", timer=timer)
+    run.finish()
+    rows = read_run(run_dirs(tmp_path)[0])[1]
+    same = {r["params"]["format"]: r["value"] for r in rows if r["metric"] == "bit_identical_to_cast"}
+    assert same == {f: 1.0 for f in NATIVE_CASTS}
+    gb = {(r["method"], r["params"].get("format"), r["params"].get("mode")): r["value"] for r in rows
+          if r["metric"] == "gb_per_s"}
+    copy = gb[("torch_clone", None, None)]
+    for r in rows:
+        if r["metric"] == "ratio":   # copy time / ours = ours GB/s / copy GB/s
+            p = r["params"]
+            assert r["value"] == pytest.approx(gb[("triton_quantize", p["format"], p["mode"])] / copy)
+    assert ("triton_quantize", "bf16", "stochastic") in gb and len(calls) == 1 + 2 * len(NATIVE_CASTS) + 1
