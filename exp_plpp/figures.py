@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from common.plotting import register_figure
-from common.report import PM, register_table, select
+from common.report import PM, pivot, register_table, select
 
 EXP = "exp_plpp"
 METHOD_ORDER = ["zeroshot", "coop", "coop_plpp", "kgcoop", "kgcoop_plpp", "cocoop", "cocoop_plpp"]
@@ -73,6 +73,21 @@ def table_zeroshot(rows):
     cols = ["dataset", *[c for c in ("all", "base", "novel") if c in out], *[f"chance {c}" for c in
                                                                               ("all", "base", "novel")]]
     return out[[c for c in cols if c in out]]
+
+
+@register_table("plpp_tune", EXP, "PLPP's weights chosen on the validation split (stage tune): base-class "
+                "validation accuracy per candidate, mean over seeds",
+                note="Each candidate overrides the plpp section (default = as written); trained on the base classes' "
+                     "16 shots, scored on the base classes' validation images. chosen = the candidate base2novel, "
+                     "fewshot and transfer use for that dataset and method.")
+def table_tune(rows):
+    t = select(rows, "plpp_tune_choice", needs=("p.dataset", "p.candidate"))
+    if t.empty:
+        return None
+    out = pivot(t, ["p.dataset", "method", "p.candidate"])
+    out["chosen"] = out["chosen"].map({1.0: "yes", 0.0: ""})
+    out = out.rename(columns={"p.dataset": "dataset", "p.candidate": "candidate", "val_acc_mean": "val acc"})
+    return out[["dataset", "method", "candidate", "val acc", "chosen"]]
 
 
 @register_table("plpp_b2n", EXP, "Base-to-novel generalisation (16 shots of the base classes): base, novel, "

@@ -142,6 +142,15 @@ def test_tune_picks_the_best_validation_candidate_and_the_later_stages_use_it(re
         assert hist[("plpp_b2n_train", "shapes", "coop_plpp", seed, None)] == \
             hist[("plpp_tune_train", "shapes", "coop_plpp", seed, c)]
     assert ("plpp_b2n_train", "shapes", "cocoop_plpp", 1, None) in hist   # untuned: the plpp section as written
+    # the report's tune table marks exactly these candidates, next to the seed means of the per-run rows
+    from common.results import latest_rows, load_results
+    from exp_plpp.figures import table_tune
+
+    shown = table_tune(latest_rows(load_results(reference / "results", from_records=True)))
+    assert len(shown) == len(val)
+    for _, r in shown.iterrows():
+        assert r["val acc"] == pytest.approx(sum(val[(r["dataset"], r["method"], r["candidate"])]) / 2)
+        assert (r["chosen"] == "yes") == (chosen[(r["dataset"], r["method"])] == r["candidate"])
 
 
 # (stage, a file that shows finished work inside the partial folder: kill right after it appears)
