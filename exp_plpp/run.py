@@ -471,14 +471,15 @@ def stage_transfer(ctx: StageContext) -> None:
 
 
 def stage_ablations(ctx: StageContext) -> None:
-    """Base-to-novel runs of the PLPP method with PLPP's open choices changed, one seed set, same shots (each
-    relative to the plpp section as written, not to a tuned candidate)."""
+    """Base-to-novel runs of the PLPP method with PLPP's open choices changed, one seed set, same shots; each
+    change is applied on top of the settings base2novel uses for that dataset (the tuned candidate when stage
+    tune chose one), so ``<ablation> - coop_plpp`` differs in the ablated choice only."""
     runs = Runs(ctx)
     cfg = ctx.cfg
     method = cfg.protocol.ablation_method
 
     def one(job: dict) -> dict:
-        plpp = dataclasses.replace(cfg.plpp, **parse_ablation(job["ablation"]))
+        plpp = dataclasses.replace(runs.plpp_for(job["dataset"], method), **parse_ablation(job["ablation"]))
         return runs.base_to_novel(job["dataset"], job["shots"], method, job["seed"], plpp)
 
     jobs = [{"name": f"{d}_{i}_s{s}", "dataset": d, "shots": cfg.protocol.b2n_shots, "ablation": a, "seed": s,
@@ -538,7 +539,8 @@ STAGES = [
     Stage("ablations", stage_ablations, config_keys=("prompt", "plpp", "learn", "protocol.seeds", "protocol.datasets",
                                                      "protocol.b2n_shots", "protocol.ablations",
                                                      "protocol.ablation_method"),
-          inputs=("testbed", "pretrain_clip", "features"), resumable=True),
+          inputs=("testbed", "pretrain_clip", "features", "tune"), resumable=True,
+          version="2"),   # 2: ablations on top of the tuned candidate
     Stage("table", stage_table, inputs=(), optional_inputs=("base2novel", "fewshot", "transfer", "ablations"),
           cache=False),
 ]

@@ -27,7 +27,7 @@ TINY = [
     "protocol.seeds=[1,2]", "protocol.datasets=[shapes]", "protocol.shots=[1,2]", "protocol.b2n_shots=2",
     "protocol.methods=[zeroshot,coop,coop_plpp,cocoop_plpp]", "protocol.fewshot_methods=[zeroshot,coop,coop_plpp]",
     "protocol.transfer_source=digits", "protocol.xd_targets=[shapes]", "protocol.dg_targets=[digits_blur]",
-    "protocol.ablations=[label_mode=hard]", "protocol.tune=[lambda_ppl=1,lambda_ppl=2]",
+    "protocol.ablations=[label_mode=hard,k=8]", "protocol.tune=[lambda_ppl=1,lambda_ppl=2]",
     "protocol.tune_methods=[coop_plpp]",
 ]
 pytestmark = pytest.mark.slow
@@ -110,7 +110,8 @@ def test_summary_pairs_match_the_per_run_rows(reference):
     assert summary[("coop_plpp-coop", "hm_diff_mean")] == pytest.approx(diff, abs=1e-12)
     assert summary[("coop", "hm_mean")] == pytest.approx(sum(per[("coop", s)] for s in seeds) / 2, abs=1e-12)
     assert ("cocoop_plpp-cocoop", "hm_diff_mean") not in summary   # no cocoop arm: nothing to pair with
-    abl = {r.get("seed"): r["value"] for r in rows if r["table"] == "plpp_ablation" and r["metric"] == "hm"}
+    abl = {r.get("seed"): r["value"] for r in rows if r["table"] == "plpp_ablation" and r["metric"] == "hm"
+           and r["method"] == "coop_plpp[label_mode=hard]"}
     assert set(abl) == {1, 2}
     for other in ("coop", "coop_plpp"):
         diff = sum(abl[s] - per[(other, s)] for s in seeds) / 2
@@ -142,6 +143,11 @@ def test_tune_picks_the_best_validation_candidate_and_the_later_stages_use_it(re
         assert hist[("plpp_b2n_train", "shapes", "coop_plpp", seed, None)] == \
             hist[("plpp_tune_train", "shapes", "coop_plpp", seed, c)]
     assert ("plpp_b2n_train", "shapes", "cocoop_plpp", 1, None) in hist   # untuned: the plpp section as written
+    # ablations sit on top of the tuned candidate: k=8 is the plpp section's own value, so that ablation
+    # trains exactly what base2novel trains (with the section as written it would train lambda_ppl = 0.1)
+    abl = {r["seed"]: r["value"] for r in rows if r["table"] == "plpp_ablation_train"
+           and r["method"] == "coop_plpp[k=8]" and r["metric"] == "final_l_ppl"}
+    assert abl == {s: hist[("plpp_b2n_train", "shapes", "coop_plpp", s, None)] for s in (1, 2)}
     # the report's tune table marks exactly these candidates, next to the seed means of the per-run rows
     from common.results import latest_rows, load_results
     from exp_plpp.figures import table_tune
