@@ -140,7 +140,9 @@ def table_transfer_diffs(rows):
 @register_table("plpp_bench", EXP, "PLPP's cost: one prompt-learning step vs a CoOp step (same backbone, "
                 "classes, batch), time and peak memory",
                 note="From the latest bench run. coop_plpp = top-k student; _fullvocab = student over the whole "
-                     "vocabulary. Memory = rise of the process's resident high-water mark (CPU).")
+                     "vocabulary. ratio_vs_coop = median over interleaved timing rounds of the within-round ratio "
+                     "(low / high: its range over rounds); seconds_per_step = the fastest round. Memory = rise of "
+                     "the process's resident high-water mark (CPU), each method alone in a process.")
 def table_bench(rows):
     t = select(rows, "plpp_bench", needs=("p.backbone", "p.n_classes"))
     if t.empty:
