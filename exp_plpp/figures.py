@@ -78,8 +78,8 @@ def table_zeroshot(rows):
 @register_table("plpp_tune", EXP, "PLPP's weights chosen on the validation split (stage tune): base-class "
                 "validation accuracy per candidate, mean over seeds",
                 note="Each candidate overrides the plpp section (default = as written); trained on the base classes' "
-                     "16 shots, scored on the base classes' validation images. chosen = the candidate base2novel, "
-                     "fewshot and transfer use for that dataset and method.")
+                     "16 shots, scored on the base classes' validation images. chosen = the candidate that base2novel, "
+                     "fewshot, transfer and the ablations use for that dataset and method.")
 def table_tune(rows):
     t = select(rows, "plpp_tune_choice", needs=("p.dataset", "p.candidate"))
     if t.empty:
